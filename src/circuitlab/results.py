@@ -1,0 +1,88 @@
+"""`Result`: what every command writes to `--out DIR` (results.json + results.csv), and `load_results`.
+
+records are tidy flat dicts (for sweeps: site, layer, pos, head, value), so they load straight into pandas.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from circuitlab.atomic import write_atomically, write_text_atomically
+from circuitlab.errors import CircuitlabError
+
+SCHEMA = "circuitlab.result/1"
+_VERSIONED = ("circuitlab", "torch", "transformer-lens", "transformers", "numpy", "pandas")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+@dataclass
+class Result:
+    """One command's output. `timing_s` = the computation itself, `load_s` = model loading."""
+
+    command: str
+    model: dict[str, Any]
+    task: dict[str, Any] | None
+    params: dict[str, Any]
+    records: list[dict[str, Any]]
+    seed: int | None = None
+    timing_s: float = 0.0
+    load_s: float = 0.0
+    summary: dict[str, Any] = field(default_factory=dict)
+    artifacts: list[str] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=package_versions)
+    schema: str = SCHEMA
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=_json_default)
+
+    @classmethod
+    def from_json(cls, text: str) -> Result:
+        data = json.loads(text)
+        if data.get("schema") != SCHEMA:
+            raise CircuitlabError(f"not a circuitlab result (schema {data.get('schema')!r}, expected {SCHEMA!r})")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame.from_records(self.records)
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write results.json and results.csv atomically into `out_dir`; returns the json path."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomically(out / "results.csv", lambda tmp: self.to_frame().to_csv(tmp, index=False))
+        return write_text_atomically(out / "results.json", self.to_json())
+
+
+def load_results(path: str | Path) -> Result:
+    """Read a results.json (or the directory holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    if not path.is_file():
+        raise CircuitlabError(f"no results file at {path}")
+    return Result.from_json(path.read_text())
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__} in results.json")

@@ -1,0 +1,86 @@
+"""Indirect object identification (Wang et al. 2022): "When Mary and John went to the store, John gave a
+drink to" -> " Mary". Answer = the indirect object (IO), wrong = the subject (S).
+
+Corruptions: `abc` (the standard one: the same template with three different names, none of A or B), and
+`swap` (S2 replaced by the IO name, so the clean answer becomes the wrong one).
+"""
+
+from __future__ import annotations
+
+import random
+
+from circuitlab.errors import TaskError
+from circuitlab.models.model import Model
+from circuitlab.tasks.registry import register_task
+from circuitlab.tasks.task import Example, Task
+
+# {A} = IO, {B} = S in ABBA order; BABA swaps the first two names.
+TEMPLATES = [
+    "When {X} and {Y} went to the {PLACE}, {S} gave a {OBJECT} to",
+    "Then, {X} and {Y} went to the {PLACE}. {S} gave a {OBJECT} to",
+    "After {X} and {Y} went to the {PLACE}, {S} gave a {OBJECT} to",
+    "While {X} and {Y} were working at the {PLACE}, {S} gave a {OBJECT} to",
+    "Then, {X} and {Y} had a long argument. Afterwards {S} said to",
+]
+NAMES = [
+    "Mary", "John", "Tom", "James", "Paul", "Mark", "Sarah", "Anna", "David", "Michael", "Peter", "Laura",
+    "Kate", "Emma", "Lisa", "Jack", "Alice", "Bob", "Daniel", "Rachel", "Steve", "Adam", "Amy", "Ben",
+    "Chris", "Jane", "Joe", "Ryan", "Sam", "Tim", "Linda", "Susan", "George", "Henry", "Eric", "Helen",
+]
+PLACES = ["store", "park", "school", "office", "hospital", "station", "restaurant", "garden", "market", "house"]
+OBJECTS = ["drink", "book", "ring", "ball", "gift", "letter", "bag", "cake", "computer", "key"]
+
+
+def _single_tokens(model: Model, words: list[str]) -> list[str]:
+    keep = []
+    for w in words:
+        if len(model.encode(" " + w, bos=False)) == 1:
+            keep.append(w)
+    return keep
+
+
+@register_task("ioi", "Indirect object identification (Wang et al. 2022), ABBA+BABA, ABC or name-swap corruption")
+def make_ioi(
+    model: Model, *, n: int = 64, seed: int = 0, corruption: str = "abc", templates: list[int] | None = None,
+    orders: tuple[str, ...] = ("ABBA", "BABA"),
+) -> Task:
+    """`n` seeded IOI prompts cycling over templates and ABBA/BABA orders.
+
+    Names, places and objects are filtered to single tokens (with a leading space) in the model's tokenizer,
+    so every prompt of one template has the same token length and clean/corrupt positions align.
+    """
+    if corruption not in ("abc", "swap"):
+        raise TaskError(f"unknown IOI corruption {corruption!r}; use 'abc' or 'swap'")
+    if n < 1:
+        raise TaskError(f"n must be >= 1, got {n}")
+    chosen = list(range(len(TEMPLATES))) if templates is None else list(templates)
+    for t in chosen:
+        if not 0 <= t < len(TEMPLATES):
+            raise TaskError(f"IOI template index {t} out of range 0..{len(TEMPLATES) - 1}")
+    names = _single_tokens(model, NAMES)
+    places, objects = _single_tokens(model, PLACES), _single_tokens(model, OBJECTS)
+    if len(names) < 5 or not places or not objects:
+        raise TaskError(f"{model.spec}'s tokenizer has too few single-token names/places/objects for IOI")
+    rng = random.Random(seed)
+    examples = []
+    for i in range(n):
+        template = TEMPLATES[chosen[i % len(chosen)]]
+        order = orders[(i // len(chosen)) % len(orders)]
+        io, s, c1, c2, c3 = rng.sample(names, 5)
+        fill = {"PLACE": rng.choice(places), "OBJECT": rng.choice(objects)}
+        x, y = (io, s) if order == "ABBA" else (s, io)
+        clean = template.format(X=x, Y=y, S=s, **fill)
+        if corruption == "abc":
+            cx, cy = (c1, c2) if order == "ABBA" else (c2, c1)
+            corrupt = template.format(X=cx, Y=cy, S=c3, **fill)
+        else:
+            corrupt = template.format(X=x, Y=y, S=io, **fill)
+        examples.append(Example(
+            clean=clean, corrupt=corrupt, answer=[" " + io], wrong=[" " + s],
+            meta={"template": chosen[i % len(chosen)], "order": order, "io": io, "s": s},
+        ))
+    return Task(
+        name="ioi", examples=examples, metric="logit_diff",
+        description="IOI: logit(IO) - logit(S) at the final position",
+        params={"n": n, "seed": seed, "corruption": corruption, "templates": chosen, "orders": list(orders)},
+    )

@@ -1,0 +1,233 @@
+"""Contrastive tasks: clean/corrupt prompt pairs with answers, and their tokenized, validated form.
+
+A `Task` is model-independent text. `Task.prepare(model)` tokenizes it under the model's BOS policy,
+validates it (single-token answers, aligned clean/corrupt lengths, context length) and groups prompts of
+equal token length into `TaskBatch`es. Prompts of different lengths are grouped, not padded: positions then
+mean the same thing inside each batch and no attention mask is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+
+from circuitlab.errors import TaskError, TokenizationError
+from circuitlab.models.model import Model
+from circuitlab.tasks.metrics import get_metric
+
+
+@dataclass
+class Example:
+    """One contrastive pair. `answer`/`wrong` are answer sets (lists of strings, each one token)."""
+
+    clean: str
+    corrupt: str
+    answer: list[str]
+    wrong: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.answer, str):
+            self.answer = [self.answer]
+        if isinstance(self.wrong, str):
+            self.wrong = [self.wrong]
+
+
+@dataclass
+class Task:
+    """A named list of examples plus the metric that scores them.
+
+    align: clean and corrupt prompts must have the same token length (needed by position-wise patching).
+    single_token_answers: every answer/wrong string must be one token.
+    """
+
+    name: str
+    examples: list[Example]
+    metric: str = "logit_diff"
+    align: bool = True
+    single_token_answers: bool = True
+    description: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.examples:
+            raise TaskError(f"task {self.name!r} has no examples; a task needs at least one clean/corrupt pair")
+        get_metric(self.metric)  # unknown metric: clear error now, not mid-run
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def subset(self, n: int | None) -> Task:
+        """The first `n` examples (all when n is None)."""
+        if n is None:
+            return self
+        if n < 1:
+            raise TaskError(f"n must be >= 1, got {n}")
+        return replace(self, examples=self.examples[:n])
+
+    def with_metric(self, metric: str) -> Task:
+        return replace(self, metric=metric)
+
+    def to_records(self) -> list[dict]:
+        return [asdict(e) for e in self.examples]
+
+    def prepare(self, model: Model) -> PreparedTask:
+        return PreparedTask.build(self, model)
+
+
+@dataclass
+class TaskBatch:
+    """Prompts of one token length, ready to run.
+
+    clean, corrupt: [batch, pos] token ids. answers, wrong: [batch, n] ids padded with -1.
+    answer_pos: [batch] position whose logits are scored. targets: optional [batch, pos] ids for
+    per-position metrics (-1 = not scored). reference_logprobs: clean log-probs for the 'kl' metric.
+    """
+
+    clean: Int[torch.Tensor, "batch pos"]
+    corrupt: Int[torch.Tensor, "batch pos_c"]
+    answers: Int[torch.Tensor, "batch n_answer"]
+    wrong: Int[torch.Tensor, "batch n_wrong"]
+    answer_pos: Int[torch.Tensor, "batch"]
+    indices: list[int]
+    targets: Int[torch.Tensor, "batch pos"] | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    reference_logprobs: Float[torch.Tensor, "batch vocab"] | None = None
+
+    @property
+    def size(self) -> int:
+        return int(self.clean.shape[0])
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.clean.shape[1])
+
+    def select(self, rows: slice | list[int]) -> TaskBatch:
+        """A sub-batch (rows of every tensor)."""
+        idx = list(range(self.size))[rows] if isinstance(rows, slice) else list(rows)
+        take = torch.tensor(idx, dtype=torch.long)
+        return TaskBatch(
+            clean=self.clean[take], corrupt=self.corrupt[take], answers=self.answers[take],
+            wrong=self.wrong[take], answer_pos=self.answer_pos[take], indices=[self.indices[i] for i in idx],
+            targets=None if self.targets is None else self.targets[take],
+            extra={k: v[take] for k, v in self.extra.items()},
+            reference_logprobs=None if self.reference_logprobs is None else self.reference_logprobs[take],
+        )
+
+
+@dataclass
+class PreparedTask:
+    """A task tokenized for one model: batches grouped by token length, and its metric."""
+
+    task: Task
+    model_spec: str
+    batches: list[TaskBatch]
+    str_tokens: list[list[str]]  # readable tokens of each clean prompt, by example index
+
+    @property
+    def metric_name(self) -> str:
+        return self.task.metric
+
+    def metric(self, logits: torch.Tensor, batch: TaskBatch) -> Float[torch.Tensor, "batch"]:
+        return get_metric(self.task.metric)(logits, batch)
+
+    @property
+    def n_prompts(self) -> int:
+        return sum(b.size for b in self.batches)
+
+    def __iter__(self) -> Iterator[TaskBatch]:
+        return iter(self.batches)
+
+    def single_batch(self) -> TaskBatch:
+        """The only batch; a clear error when prompts have several token lengths."""
+        if len(self.batches) != 1:
+            lengths = sorted({b.n_pos for b in self.batches})
+            raise TokenizationError(
+                f"this analysis needs prompts of one token length, but task {self.task.name!r} has lengths "
+                f"{lengths} under {self.model_spec}; use a single template (e.g. --template) or keep one group "
+                "with PreparedTask.largest_group()"
+            )
+        return self.batches[0]
+
+    def largest_group(self) -> PreparedTask:
+        best = max(self.batches, key=lambda b: b.size)
+        return replace(self, batches=[best])
+
+    def with_reference(self, model: Model) -> PreparedTask:
+        """Attach the clean run's answer-position log-probs to every batch (needed by the 'kl' metric)."""
+        out = []
+        with torch.no_grad():
+            for b in self.batches:
+                logits = model.bridge(b.clean, return_type="logits")
+                final = logits[torch.arange(b.size), b.answer_pos]
+                out.append(replace(b, reference_logprobs=torch.log_softmax(final, -1)))
+        return replace(self, batches=out)
+
+    @staticmethod
+    def build(task: Task, model: Model) -> PreparedTask:
+        rows = [_tokenize_example(task, model, i, ex) for i, ex in enumerate(task.examples)]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault((len(r["clean"]), len(r["corrupt"])), []).append(i)
+        batches = [_make_batch([rows[i] for i in idx], idx) for _, idx in sorted(groups.items())]
+        prepared = PreparedTask(task, model.spec, batches, [model.str_tokens(r["clean"]) for r in rows])
+        if task.metric == "kl":
+            prepared = prepared.with_reference(model)
+        return prepared
+
+
+def _tokenize_example(task: Task, model: Model, i: int, ex: Example) -> dict:
+    # Token-level tasks (e.g. induction on random tokens) carry their ids; text would not round-trip.
+    clean = list(ex.meta["clean_ids"]) if "clean_ids" in ex.meta else model.encode(ex.clean)
+    corrupt = list(ex.meta["corrupt_ids"]) if "corrupt_ids" in ex.meta else model.encode(ex.corrupt)
+    for label, ids in (("clean", clean), ("corrupt", corrupt)):
+        if len(ids) > model.n_ctx:
+            raise TaskError(
+                f"example {i} of task {task.name!r}: the {label} prompt is {len(ids)} tokens, longer than "
+                f"{model.spec}'s context of {model.n_ctx}; shorten it"
+            )
+    if task.align and len(clean) != len(corrupt):
+        raise TokenizationError(
+            f"example {i} of task {task.name!r}: clean and corrupt prompts must have the same token length "
+            f"so positions align, but clean is {len(clean)} tokens {model.str_tokens(clean)} and corrupt is "
+            f"{len(corrupt)} tokens {model.str_tokens(corrupt)}; pick a corruption with the same tokenization"
+        )
+    if not ex.answer:
+        raise TaskError(f"example {i} of task {task.name!r} has no answer")
+    if "answer_ids" in ex.meta:
+        answers, wrong = list(ex.meta["answer_ids"]), list(ex.meta.get("wrong_ids", []))
+    elif task.single_token_answers:
+        answers = [model.single_token_id(a) for a in ex.answer]
+        wrong = [model.single_token_id(w) for w in ex.wrong]
+    else:  # first token of each answer string
+        answers = [model.encode(a, bos=False)[0] for a in ex.answer]
+        wrong = [model.encode(w, bos=False)[0] for w in ex.wrong]
+    return {
+        "clean": clean, "corrupt": corrupt, "answers": answers, "wrong": wrong,
+        "answer_pos": ex.meta.get("answer_pos", len(clean) - 1),
+        "targets": ex.meta.get("targets"), "extra": ex.meta.get("extra", {}),
+    }
+
+
+def _pad(lists: list[list[int]]) -> torch.Tensor:
+    width = max(1, max(len(x) for x in lists))
+    return torch.tensor([x + [-1] * (width - len(x)) for x in lists], dtype=torch.long)
+
+
+def _make_batch(rows: list[dict], indices: list[int]) -> TaskBatch:
+    targets = None
+    if rows[0]["targets"] is not None:
+        targets = torch.tensor([r["targets"] for r in rows], dtype=torch.long)
+    extra = {k: torch.tensor([r["extra"][k] for r in rows]) for k in rows[0]["extra"]}
+    return TaskBatch(
+        clean=torch.tensor([r["clean"] for r in rows], dtype=torch.long),
+        corrupt=torch.tensor([r["corrupt"] for r in rows], dtype=torch.long),
+        answers=_pad([r["answers"] for r in rows]),
+        wrong=_pad([r["wrong"] for r in rows]),
+        answer_pos=torch.tensor([r["answer_pos"] for r in rows], dtype=torch.long),
+        indices=indices, targets=targets, extra=extra,
+    )
