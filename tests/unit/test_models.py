@@ -1,0 +1,102 @@
+"""Model loading and tokenizer helpers on toy models (fast)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from circuitlab import load_model
+from circuitlab.errors import ModelLoadError, TokenizationError
+from circuitlab.models import cache
+from circuitlab.models.loading import save_native
+from circuitlab.models.toy import toy_config, toy_model
+
+
+def test_bos_policy_prepends_bos_once(toy):
+    ids = toy.encode(" Mary John")
+    assert ids[0] == toy.bos_token_id
+    assert ids.count(toy.bos_token_id) == 1
+    assert toy.to_tokens(["Mary John"]).tolist() == [ids]
+
+
+def test_single_token_id_and_split_error(toy):
+    assert toy.single_token_id(" Mary") == toy.encode("Mary", bos=False)[0]
+    with pytest.raises(TokenizationError, match=r"2 tokens \['Mary', 'John'\]"):
+        toy.single_token_id(" Mary John")
+
+
+def test_to_tokens_rejects_unequal_lengths_and_empty(toy):
+    with pytest.raises(TokenizationError, match="different token lengths"):
+        toy.to_tokens(["Mary John", "Mary"])
+    with pytest.raises(TokenizationError, match="empty list"):
+        toy.to_tokens([])
+
+
+def test_check_tokens_context_and_vocab(toy):
+    with pytest.raises(TokenizationError, match="context"):
+        toy.check_tokens(torch.zeros(1, toy.n_ctx + 1, dtype=torch.long))
+    with pytest.raises(TokenizationError, match="token ids must lie"):
+        toy.check_tokens(torch.full((1, 3), toy.d_vocab, dtype=torch.long))
+
+
+def test_model_without_tokenizer_names_the_fix():
+    m = toy_model(words=None, d_vocab=20)
+    with pytest.raises(TokenizationError, match="no tokenizer"):
+        m.encode("hello")
+    assert m.str_tokens([1, 2]) == ["<1>", "<2>"]
+
+
+def test_native_dir_round_trip_gives_identical_logits(tmp_path, toy):
+    cfg = toy_config(d_vocab=len(toy.tokenizer), seed=0)
+    save_native(toy, tmp_path / "m", cfg)
+    again = load_model(tmp_path / "m")
+    tokens = toy.to_tokens("When Mary and John went to the store")
+    assert torch.equal(toy.logits(tokens), again.logits(tokens))
+    assert again.encode("Mary John") == toy.encode("Mary John")
+
+
+def test_native_dir_with_mismatched_weights_is_clear_error(tmp_path, toy):
+    cfg = toy_config(d_vocab=len(toy.tokenizer), seed=0)
+    save_native(toy, tmp_path / "m", cfg)
+    bigger = dict(cfg, n_layers=3)
+    (tmp_path / "m" / "native_config.json").write_text(json.dumps(bigger))
+    with pytest.raises(ModelLoadError, match="does not fit"):
+        load_model(tmp_path / "m")
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [("no-such-model", "unknown model spec"), ("/nonexistent/file.gguf", "does not exist")],
+)
+def test_bad_specs(spec, message):
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(spec)
+
+
+def test_dir_without_config_is_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="neither config.json"):
+        load_model(tmp_path)
+
+
+def test_native_config_dict_and_bad_type():
+    m = load_model(toy_config(n_layers=1, d_vocab=10))
+    assert m.n_layers == 1 and m.d_vocab == 10
+    with pytest.raises(ModelLoadError, match="cannot load a model from a int"):
+        load_model(42)
+
+
+def test_cache_write_is_atomic_on_interrupt(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIRCUITLAB_CACHE", str(tmp_path))
+
+    def fill(d):
+        (d / "model.safetensors").write_text("partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cache.write_atomically("entry", fill, {})
+    assert cache.cached_dir("entry") is None
+    assert list(tmp_path.iterdir()) == []  # no half-written entry, no temp dir left
+    path = cache.write_atomically("entry", lambda d: (d / "x").write_text("ok"), {"a": 1})
+    assert cache.cached_dir("entry") == path and (path / "x").read_text() == "ok"
