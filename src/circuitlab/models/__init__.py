@@ -2,6 +2,6 @@
 
 from circuitlab.models.loading import load_model
 from circuitlab.models.model import Model
-from circuitlab.models.specs import KNOWN_SPECS, DEFAULT_SPEC
+from circuitlab.models.specs import DEFAULT_SPEC, KNOWN_SPECS
 
 __all__ = ["Model", "load_model", "KNOWN_SPECS", "DEFAULT_SPEC"]

