@@ -42,6 +42,14 @@ def load(spec: str):
     return model
 
 
+def save_result(result, out: Path) -> Path:
+    """results.json + results.csv + report.html into `out`; returns the report path."""
+    from circuitlab.report import write_report
+
+    result.save(out)
+    return write_report(result, out)
+
+
 def task_info(task) -> dict:
     return {"name": task.name, "n": len(task), "metric": task.metric, "params": task.params}
 
@@ -134,7 +142,7 @@ def run_eval(model: str, task: str, out: Path, n: int | None, seed: int, metric:
     ]
     result = Result("eval", m.info(), task_info(t), {"n": len(t), "metric": t.metric}, records, seed=seed,
                     timing_s=elapsed, load_s=m.load_s, summary=evaluation.summary())
-    result.save(out)
+    save_result(result, out)
     return result, m
 
 
