@@ -19,3 +19,7 @@ class TaskError(CircuitlabError):
 
 class MetricError(CircuitlabError):
     """A metric cannot be computed (unknown name, zero denominator in a normalised metric, ...)."""
+
+
+class GraphError(CircuitlabError):
+    """An edge graph, circuit file, node/edge name or edge-coefficient tensor does not fit the model."""

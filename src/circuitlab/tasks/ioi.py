@@ -15,17 +15,22 @@ from circuitlab.tasks.registry import register_task
 from circuitlab.tasks.task import Example, Task
 
 # {A} = IO, {B} = S in ABBA order; BABA swaps the first two names.
+# Templates and names checked on SmolLM2-135M (256 random prompts per template): each template has top-1
+# accuracy >= 0.97 and mean logit difference >= 4.5. Dropped as weak: "After X and Y went to ..., S gave"
+# (acc 0.94), "While X and Y were working at the ..." (acc 0.90), "Friends X and Y found a ..." (ABBA fails).
 TEMPLATES = [
     "When {X} and {Y} went to the {PLACE}, {S} gave a {OBJECT} to",
     "Then, {X} and {Y} went to the {PLACE}. {S} gave a {OBJECT} to",
-    "After {X} and {Y} went to the {PLACE}, {S} gave a {OBJECT} to",
-    "While {X} and {Y} were working at the {PLACE}, {S} gave a {OBJECT} to",
+    "Afterwards, {X} and {Y} went to the {PLACE}. {S} gave a {OBJECT} to",
+    "After the lunch, {X} and {Y} went to the {PLACE}. {S} gave a {OBJECT} to",
     "Then, {X} and {Y} had a long argument. Afterwards {S} said to",
 ]
+# Names the model predicts reliably as the IO; Paul, Henry, Daniel, Eric, Michael, Mark, Jane, Chris and
+# Steve were dropped (mean log P(IO) < -1.2 as the answer).
 NAMES = [
-    "Mary", "John", "Tom", "James", "Paul", "Mark", "Sarah", "Anna", "David", "Michael", "Peter", "Laura",
-    "Kate", "Emma", "Lisa", "Jack", "Alice", "Bob", "Daniel", "Rachel", "Steve", "Adam", "Amy", "Ben",
-    "Chris", "Jane", "Joe", "Ryan", "Sam", "Tim", "Linda", "Susan", "George", "Henry", "Eric", "Helen",
+    "Mary", "John", "Tom", "James", "Sarah", "Anna", "David", "Peter", "Laura", "Kate", "Emma", "Lisa",
+    "Jack", "Alice", "Bob", "Rachel", "Adam", "Amy", "Ben", "Joe", "Ryan", "Sam", "Tim", "Linda", "Susan",
+    "George", "Helen",
 ]
 PLACES = ["store", "park", "school", "office", "hospital", "station", "restaurant", "garden", "market", "house"]
 OBJECTS = ["drink", "book", "ring", "ball", "gift", "letter", "bag", "cake", "computer", "key"]
