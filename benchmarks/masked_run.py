@@ -1,0 +1,70 @@
+"""Cost of a masked-edge run vs a plain forward on SmolLM2-135M (target: at most 2x).
+
+Run: CIRCUITLAB_CACHE=/tmp/clcache .venv/bin/python benchmarks/masked_run.py [--batch 2 --pos 10 --repeats 5]
+Prints seconds per forward and the ratio for three coefficient sets: dense random in [0,1] (the worst
+case: every edge mixes), a binary circuit (top 5% of random scores), and a path-patching mask (one
+sender's direct edges into one layer's queries).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from circuitlab import load_model
+from circuitlab.graph.ablation import ablated_outputs
+from circuitlab.graph.masked import MaskedEdgeEngine
+from circuitlab.graph.path_patching import path_coefficients, resolve_receivers
+
+
+def paired_ratio(plain, masked, repeats: int) -> tuple[float, float, float]:
+    """Alternate plain and masked runs so both see the same CPU load (the machine may be shared);
+    returns (min plain s, min masked s, median of the per-pair ratios)."""
+    plain()
+    masked()  # warm-up
+    times_p, times_m, ratios = [], [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        plain()
+        middle = time.perf_counter()
+        masked()
+        end = time.perf_counter()
+        times_p.append(middle - start)
+        times_m.append(end - middle)
+        ratios.append((end - middle) / (middle - start))
+    return min(times_p), min(times_m), statistics.median(ratios)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--pos", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    model = load_model("smollm2-135m")
+    engine = MaskedEdgeEngine(model)
+    graph = engine.graph
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.randint(100, 40000, (args.batch, args.pos), generator=gen)
+    corrupt = torch.randint(100, 40000, (args.batch, args.pos), generator=gen)
+    ablated = ablated_outputs(engine, "corrupt", clean, corrupt=corrupt)
+    coefficient_sets = {
+        "dense random": torch.rand(graph.n_edges, generator=gen),
+        "circuit (top 5%)": (torch.rand(graph.n_edges, generator=gen) > 0.95).float(),
+        "path patch a3.h0 -> a9.h*<q>": path_coefficients(graph, ["a3.h0"], resolve_receivers(graph, "a9.h*<q>")),
+    }
+    print(f"SmolLM2-135M, {graph.n_edges} edges, batch {args.batch} x {args.pos} tokens, "
+          f"{torch.get_num_threads()} threads")
+    with torch.no_grad():
+        for name, coeff in coefficient_sets.items():
+            plain_s, masked_s, ratio = paired_ratio(lambda: model.bridge(clean, return_type="logits"),
+                                                    lambda c=coeff: engine.run(clean, c, ablated), args.repeats)
+            print(f"{name}: plain {plain_s:.3f} s, masked {masked_s:.3f} s (min of {args.repeats}); "
+                  f"median paired ratio {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""Masked-edge runs: the model with a coefficient c in [0, 1] on every edge of the graph.
+
+Each receiver's input is  sum over its incoming edges of  c * out_s + (1 - c) * abl_s  plus the terms that
+belong to no node (biases such as b_O), where out_s is the sender's output *in this same run* and abl_s its
+ablated output (corrupt prompt, mean, zero or resample: see ablation.py). Because out_s is taken from this
+run, an ablation upstream propagates downstream, as in ACDC and EAP-IG. Implementation (EAP-IG style): the
+bridge's residual stream holds the sum of this run's sender outputs, so a receiver's input is that
+residual minus  sum_s (1 - c_{s,r}) (out_s - abl_s).
+
+Hooks on the bridge: blocks.{l}.hook_resid_pre (read; layer 0 is the `input` sender),
+blocks.{l}.attn.hook_cos/sin (read, HF rotary), blocks.{l}.attn.hook_z (replaced by the per-head-input
+attention of attention.py), blocks.{l}.ln2.hook_in (MLP receiver input), blocks.{l}.hook_mlp_out (read),
+ln_final.hook_in (logits receiver input). This works on HF-backed and native (boot_native) bridges.
+
+Several coefficient sets ([k, n_edges]) run as one forward on a k-times repeated batch. Coefficients may
+require grad; the result is then differentiable with respect to them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+
+from circuitlab.errors import GraphError
+from circuitlab.graph.attention import HeadwiseAttention
+from circuitlab.graph.graph import Graph, GraphShape
+
+
+class MaskedEdgeEngine:
+    """Runs one model under edge coefficients. Build once per model (reads the attention weights)."""
+
+    def __init__(self, model: Any, graph: Graph | None = None):
+        self.model = model
+        self.bridge = model.bridge
+        shape = GraphShape.from_model(model)
+        self.graph = graph if graph is not None else Graph(shape)
+        if not self.graph.shape.compatible_with(shape):
+            raise GraphError(
+                f"graph is for a model with {self.graph.shape.describe()}, but {getattr(model, 'spec', 'the model')} "
+                f"has {shape.describe()}; build the graph with Graph.from_model(model)"
+            )
+        self.layers = [HeadwiseAttention(self.bridge, layer) for layer in range(shape.n_layers)]
+        hooks = self.bridge.hook_dict
+        self.final_hook = "ln_final.hook_in" if "ln_final.hook_in" in hooks else "unembed.hook_in"
+        self.mlp_in_hook = "ln2.hook_in" if "blocks.0.ln2.hook_in" in hooks else "mlp.hook_in"
+
+    # --- plain runs -----------------------------------------------------------------------------------
+    def sender_outputs(self, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "sender batch pos d_model"]:
+        """Every sender's output on `tokens` in a plain (unmasked) run, in forward order."""
+        self.model.check_tokens(tokens)
+        store: dict[str, torch.Tensor] = {}
+
+        def keep(key: str):
+            def hook(x: torch.Tensor, hook: Any) -> None:
+                store[key] = x.detach()
+            return hook
+
+        hooks = [("blocks.0.hook_resid_pre", keep("input"))]
+        for layer in range(self.graph.shape.n_layers):
+            hooks.append((f"blocks.{layer}.attn.hook_z", keep(f"z{layer}")))
+            if not self.graph.shape.attn_only:
+                hooks.append((f"blocks.{layer}.hook_mlp_out", keep(f"m{layer}")))
+        with torch.no_grad():
+            self.bridge.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None)
+            parts = [store["input"].unsqueeze(0)]
+            for layer, attention in enumerate(self.layers):
+                parts.append(attention.head_outputs(store[f"z{layer}"]))
+                if not self.graph.shape.attn_only:
+                    parts.append(store[f"m{layer}"].unsqueeze(0))
+        return torch.cat(parts, dim=0)
+
+    # --- masked runs ----------------------------------------------------------------------------------
+    def run(
+        self,
+        tokens: Int[torch.Tensor, "batch pos"],
+        coefficients: torch.Tensor,
+        ablated: Float[torch.Tensor, "sender batch_or_1 pos d_model"],
+    ) -> torch.Tensor:
+        """Logits [batch, pos, vocab] for coefficients [n_edges], or [k, batch, pos, vocab] for [k, n_edges].
+
+        ablated: the senders' ablated outputs (ablation.ablated_outputs), batch dimension = batch or 1.
+        """
+        self.model.check_tokens(tokens)
+        flat = coefficients.ndim == 1
+        coeff = self.graph.check_coefficients(coefficients)
+        ablated = self._check_ablated(ablated, tokens)
+        k, (batch, n_pos) = coeff.shape[0], tokens.shape
+        with torch.set_grad_enabled(torch.is_grad_enabled() and coeff.requires_grad):
+            state = _RunState(self, coeff, ablated, k, batch)
+            logits = self.bridge.run_with_hooks(tokens.repeat(k, 1), fwd_hooks=state.hooks(), return_type="logits")
+        logits = logits.view(k, batch, n_pos, -1)
+        return logits[0] if flat else logits
+
+    def _check_ablated(self, ablated: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        want = (self.graph.n_senders, tokens.shape[1], self.graph.shape.d_model or ablated.shape[-1])
+        ok = (ablated.ndim == 4 and (ablated.shape[0], ablated.shape[2], ablated.shape[3]) == want
+              and ablated.shape[1] in (1, tokens.shape[0]))
+        if not ok:
+            raise GraphError(
+                f"ablated sender outputs must have shape [{want[0]}, batch ({tokens.shape[0]}) or 1, {want[1]}, "
+                f"{want[2]}], got {tuple(ablated.shape)}; build them with ablated_outputs(engine, ...) for these tokens"
+            )
+        return ablated.detach()
+
+
+class _RunState:
+    """The hooks of one masked run and what they share: this run's sender-output differences so far."""
+
+    def __init__(self, engine: MaskedEdgeEngine, coeff: torch.Tensor, ablated: torch.Tensor, k: int, batch: int):
+        self.engine, self.graph = engine, engine.graph
+        self.k, self.batch = k, batch
+        g = self.graph
+        # one_minus[k, s, r] = 1 - c on real edges, 0 elsewhere: how much of (out_s - abl_s) r loses.
+        self.one_minus = torch.zeros(k, g.n_senders, g.n_receivers, dtype=coeff.dtype)
+        self.one_minus[:, g.edge_src, g.edge_dst] = 1.0 - coeff
+        self.ablated = ablated  # [sender, batch|1, pos, d_model]
+        # This run's out_s - abl_s, laid out [k, sender, batch*pos*d_model] so that a receiver group's delta
+        # is one batched matmul. Without grad a preallocated buffer is filled in place; with grad the
+        # chunks are kept and concatenated (in-place writes would invalidate saved tensors).
+        self.track_grad = torch.is_grad_enabled() and coeff.requires_grad
+        self.buffer: torch.Tensor | None = None
+        self.chunks: list[torch.Tensor] = []
+        self.n_done = 0
+        self.prefix_sum: torch.Tensor | None = None  # [k, batch*pos*d]: sum of all diffs so far
+        self.shape = torch.Size()  # [k*batch, pos, d_model], set by the input sender
+        self.resid: torch.Tensor | None = None
+        self.cos: torch.Tensor | None = None
+        self.sin: torch.Tensor | None = None
+
+    def hooks(self) -> list[tuple[str, Any]]:
+        out: list[tuple[str, Any]] = []
+        for layer in range(self.graph.shape.n_layers):
+            out.append((f"blocks.{layer}.hook_resid_pre", self._resid_pre(layer)))
+            if self.engine.layers[layer].uses_hf_rotary:
+                out.append((f"blocks.{layer}.attn.hook_cos", self._keep("cos")))
+                out.append((f"blocks.{layer}.attn.hook_sin", self._keep("sin")))
+            out.append((f"blocks.{layer}.attn.hook_z", self._attention(layer)))
+            if not self.graph.shape.attn_only:
+                out.append((f"blocks.{layer}.{self.engine.mlp_in_hook}", self._receiver_input(self.graph.mlp_receiver(layer))))
+                out.append((f"blocks.{layer}.hook_mlp_out", self._mlp_out(layer)))
+        out.append((self.engine.final_hook, self._receiver_input(self.graph.n_receivers - 1)))
+        return out
+
+    def _add_senders(self, outputs: torch.Tensor) -> None:
+        """outputs [n, k*batch, pos, d_model] of the next n senders in forward order."""
+        n = outputs.shape[0]
+        ablated = self.ablated[self.n_done:self.n_done + n].unsqueeze(1)  # [n, 1, batch|1, pos, d]
+        diff = outputs.reshape(n, self.k, self.batch, *outputs.shape[2:]) - ablated
+        diff = diff.reshape(n, self.k, -1).transpose(0, 1)  # [k, n, batch*pos*d]
+        if self.track_grad:
+            self.chunks.append(diff)
+        else:
+            if self.buffer is None:
+                self.buffer = diff.new_empty(self.k, self.graph.n_senders, diff.shape[-1])
+            self.buffer[:, self.n_done:self.n_done + n] = diff
+        total = diff.sum(dim=1)
+        self.prefix_sum = total if self.prefix_sum is None else self.prefix_sum + total
+        self.n_done += n
+        self.shape = outputs.shape[1:]
+
+    def _delta(self, receivers: slice) -> torch.Tensor:
+        """sum_s (1 - c_{s,r}) (out_s - abl_s) for receivers r: [n_receivers, k*batch, pos, d_model]."""
+        if self.track_grad:
+            diffs = torch.cat(self.chunks, dim=1) if len(self.chunks) > 1 else self.chunks[0]
+        else:
+            assert self.buffer is not None
+            diffs = self.buffer[:, :self.n_done]
+        weights = self.one_minus[:, :self.n_done, receivers]  # [k, n, r]
+        # Every sender before a receiver feeds it, so sum_s (1-c) d_s = prefix_sum - sum_s c d_s: use the
+        # form with fewer active senders (circuits and path patching have few), gathering only those rows.
+        ablated_rows = (weights != 0).any(dim=2).any(dim=0)
+        kept_rows = (weights != 1).any(dim=2).any(dim=0)
+        complement = int(kept_rows.sum()) < int(ablated_rows.sum())  # fewer senders to multiply
+        rows = kept_rows if complement else ablated_rows
+        if complement:
+            weights = 1.0 - weights
+        n_rows = int(rows.sum())
+        if 2 * n_rows > rows.numel():  # gathering most rows costs more than multiplying by the zeros
+            total = torch.bmm(weights.transpose(1, 2), diffs)  # [k, r, batch*pos*d]
+        else:
+            index = torch.nonzero(rows).flatten()
+            total = torch.bmm(weights[:, index].transpose(1, 2), diffs[:, index])
+        if complement:
+            assert self.prefix_sum is not None
+            total = self.prefix_sum.unsqueeze(1) - total
+        n_r = total.shape[1]
+        return total.view(self.k, n_r, self.batch, -1).transpose(0, 1).reshape(n_r, *self.shape)
+
+    def _keep(self, attr: str):
+        def hook(x: torch.Tensor, hook: Any) -> None:
+            setattr(self, attr, x)
+        return hook
+
+    def _resid_pre(self, layer: int):
+        def hook(x: torch.Tensor, hook: Any) -> None:
+            if layer == 0:
+                self._add_senders(x.unsqueeze(0))  # the input node's output is the embedding
+            self.resid = x
+        return hook
+
+    def _attention(self, layer: int):
+        attention = self.engine.layers[layer]
+
+        def hook(z: torch.Tensor, hook: Any) -> torch.Tensor:
+            assert self.resid is not None
+            streams = self.resid.unsqueeze(0) - self._delta(self.graph.head_receivers(layer))
+            new_z = attention.z(streams, self.cos, self.sin)
+            self._add_senders(attention.head_outputs(new_z))
+            return new_z.to(z.dtype)
+        return hook
+
+    def _receiver_input(self, receiver: int):
+        def hook(x: torch.Tensor, hook: Any) -> torch.Tensor:
+            return x - self._delta(slice(receiver, receiver + 1))[0]
+        return hook
+
+    def _mlp_out(self, layer: int):
+        def hook(x: torch.Tensor, hook: Any) -> None:
+            self._add_senders(x.unsqueeze(0))
+        return hook
