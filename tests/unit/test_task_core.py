@@ -107,9 +107,10 @@ def test_prompt_longer_than_context(toy):
 
 def test_task_files_jsonl_and_csv(tmp_path, toy):
     jl = tmp_path / "t.jsonl"
-    jl.write_text('{"clean": "Mary gave a drink to", "corrupt": "Tom gave a drink to", "answer": " John", "wrong": [" Mary"]}\n')
+    jl.write_text('{"clean": "Mary gave a drink to", "corrupt": "Tom gave a drink to", "answer": " John", "wrong": [" Mary"], "subject": "Mary"}\n')
     task = load_task_file(jl)
     assert task.metric == "logit_diff" and task.examples[0].wrong == [" Mary"]
+    assert task.examples[0].meta == {"subject": "Mary"}  # extra fields are kept for analyses that read them
     csv = tmp_path / "t.csv"
     csv.write_text("clean,corrupt,answer\nMary gave a drink to,Tom gave a drink to, John| Paul\n")
     task = make_task(str(csv), toy)

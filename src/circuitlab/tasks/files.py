@@ -5,6 +5,7 @@ Schema (one example per line / row):
   corrupt  (str, required)  the corrupt prompt (same token length when positions must align)
   answer   (str or list, required)  the correct next token(s), e.g. " Mary"
   wrong    (str or list, optional)  the incorrect next token(s), e.g. " John" (needed by logit_diff)
+Any other field (e.g. `subject`, which causal tracing reads) is kept in `Example.meta`.
 In CSV, list fields are written with `|` between items (" Paris| London").
 """
 
@@ -50,9 +51,11 @@ def load_task_file(path: str | Path, *, metric: str | None = None) -> Task:
         missing = [k for k in REQUIRED if not row.get(k)]
         if missing:
             raise TaskError(f"{path} example {n} lacks field(s) {missing}; each needs {list(REQUIRED)} (+ optional 'wrong')")
-        examples.append(
-            Example(clean=row["clean"], corrupt=row["corrupt"], answer=_as_list(row["answer"]), wrong=_as_list(row.get("wrong")))
-        )
+        meta = {k: v for k, v in row.items() if k not in (*REQUIRED, "wrong") and v not in (None, "")}
+        examples.append(Example(
+            clean=row["clean"], corrupt=row["corrupt"], answer=_as_list(row["answer"]),
+            wrong=_as_list(row.get("wrong")), meta=meta,
+        ))
     if not examples:
         raise TaskError(f"task file {path} holds no examples")
     default_metric = "logit_diff" if all(e.wrong for e in examples) else "logprob"
