@@ -1,0 +1,187 @@
+"""ActivationPatcher on toy models: parity with transformer_lens.patching, identities, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from transformer_lens import patching as tl
+
+from circuitlab.errors import CircuitlabError, TokenizationError
+from circuitlab.models.toy import toy_model
+from circuitlab.patching import ActivationPatcher, PatchingError, PatchingResult
+from circuitlab.patching.run import run_patching
+from circuitlab.tasks import Example, Task
+
+WORDS = "When Mary and John went to the store , gave a drink Tom Anna Paul Kate".split()
+PAIRS = [  # short prompts keep the TransformerLens sweeps (one forward per cell) quick
+    ("When Mary and John went , John gave to", "When Tom and Anna went , Paul gave to", "Mary", "John"),
+    ("When Kate and Paul went , Paul gave to", "When Tom and Anna went , John gave to", "Kate", "Paul"),
+    ("When Anna and Tom went , Tom gave to", "When Mary and Kate went , John gave to", "Anna", "Tom"),
+]
+
+@pytest.fixture(scope="module")
+def gqa():
+    """4 query heads sharing 2 kv heads, with MLPs: covers every site including GQA k/v."""
+    model = toy_model(words=WORDS, n_layers=2, n_key_value_heads=2, seed=3)
+    model.bridge.eval()  # transformer_lens.patching refuses models in training mode
+    return model
+
+
+def _task(metric: str = "logit_diff") -> Task:
+    return Task("toy_ioi", [Example(c, x, [" " + a], [" " + w]) for c, x, a, w in PAIRS], metric=metric)
+
+
+@pytest.fixture(scope="module")
+def prepared(gqa):
+    return _task().prepare(gqa)
+
+
+def _tl_sweep(model, prepared, fn, direction="denoise", index: pd.DataFrame | None = None):
+    batch = prepared.single_batch()
+    receiving, donor = (batch.corrupt, batch.clean) if direction == "denoise" else (batch.clean, batch.corrupt)
+    extra = {} if index is None else {"index_axis_names": None, "index_df": index}
+    with torch.no_grad():
+        _, cache = model.bridge.run_with_cache(donor)
+        return fn(model.bridge, receiving, cache, lambda logits: prepared.metric(logits, batch).mean(), **extra)
+
+
+# TL function, our site, our granularity, TL axis names (order of TL's output dims)
+TL_SWEEPS = [
+    (tl.get_act_patch_resid_pre, "resid_pre", "layer,pos", ("layer", "pos")),
+    (tl.get_act_patch_resid_mid, "resid_mid", "layer,pos", ("layer", "pos")),
+    (tl.get_act_patch_attn_out, "attn_out", "layer,pos", ("layer", "pos")),
+    (tl.get_act_patch_mlp_out, "mlp_out", "layer,pos", ("layer", "pos")),
+    (tl.get_act_patch_attn_head_out_by_pos, "z", "layer,head,pos", ("layer", "pos", "head")),
+    (tl.get_act_patch_attn_head_q_by_pos, "q", "layer,head,pos", ("layer", "pos", "head")),
+    (tl.get_act_patch_attn_head_k_by_pos, "k", "layer,head,pos", ("layer", "pos", "head")),
+    (tl.get_act_patch_attn_head_v_by_pos, "v", "layer,head,pos", ("layer", "pos", "head")),
+    (tl.get_act_patch_attn_head_pattern_by_pos, "pattern", "layer,head,pos", ("layer", "head", "pos")),
+    (tl.get_act_patch_attn_head_out_all_pos, "z", "layer,head", ("layer", "head")),
+    (tl.get_act_patch_attn_head_q_all_pos, "q", "layer,head", ("layer", "head")),
+    (tl.get_act_patch_attn_head_k_all_pos, "k", "layer,head", ("layer", "head")),
+    (tl.get_act_patch_attn_head_v_all_pos, "v", "layer,head", ("layer", "head")),
+    (tl.get_act_patch_attn_head_pattern_all_pos, "pattern", "layer,head", ("layer", "head")),
+]
+
+
+def _as_dict(result: PatchingResult, axes: tuple[str, ...]) -> dict[tuple, float]:
+    means = result.mean().tolist()
+    return {tuple(getattr(c, a) for a in axes): v for c, v in zip(result.cells, means, strict=True)}
+
+
+@pytest.mark.parametrize("fn,site,by,axes", TL_SWEEPS, ids=[f"{s}-{b}" for _, s, b, _ in TL_SWEEPS])
+def test_matches_transformer_lens(gqa, prepared, fn, site, by, axes):
+    # (layer, head, pos) sweeps: a few positions (TransformerLens runs one forward per cell; keeps this quick)
+    positions = [2, 5, 8] if by == "layer,head,pos" else None
+    ours = ActivationPatcher(gqa, prepared, progress=False, max_batch=5).sweep(site, by, positions=positions)
+    mine = _as_dict(ours, axes)
+    index = pd.DataFrame(list(mine), columns=list(axes)) if positions else None
+    theirs = _tl_sweep(gqa, prepared, fn, index=index)
+    assert len(mine) == theirs.numel()
+    for row, (key, value) in enumerate(mine.items()):
+        expected = float(theirs[row]) if positions else float(theirs[key])
+        assert value == pytest.approx(expected, abs=1e-4), key
+    assert (ours.mean() - ours.corrupt.mean()).abs().max() > 1e-3  # the sweep is not trivially the baseline
+
+
+def test_noising_matches_transformer_lens(gqa, prepared):
+    theirs = _tl_sweep(gqa, prepared, tl.get_act_patch_resid_pre, direction="noise")
+    ours = ActivationPatcher(gqa, prepared, progress=False).sweep("resid_pre", "layer,pos", "noise")
+    assert torch.allclose(ours.mean().reshape(theirs.shape), theirs, atol=1e-4)
+    assert ours.direction == "noise"
+
+
+def test_identity_all_positions_layer0_gives_clean(gqa, prepared):
+    result = ActivationPatcher(gqa, prepared, progress=False).sweep("resid_pre", "layer", layers=[0])
+    assert torch.allclose(result.values[0], result.clean, atol=1e-5)
+    assert float(result.normalised()[0]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_all_heads_z_equals_attn_out(gqa, prepared):
+    patcher = ActivationPatcher(gqa, prepared, progress=False)
+    z = patcher.sweep("z", "layer")
+    attn = patcher.sweep("attn_out", "layer")
+    assert torch.allclose(z.values, attn.values, atol=1e-5)
+    assert not torch.allclose(z.values, z.corrupt.expand_as(z.values), atol=1e-3)
+
+
+@pytest.mark.parametrize("site,by", [("resid_post", "layer,pos"), ("mlp_out", "layer"), ("k", "layer,head,pos"),
+                                     ("pattern", "layer,pos"), ("q", "layer,head")])
+def test_restart_equals_full_forward_sweep(gqa, prepared, site, by):
+    fast = ActivationPatcher(gqa, prepared, progress=False, max_batch=4).sweep(site, by, "noise")
+    full = ActivationPatcher(gqa, prepared, progress=False, restart=False).sweep(site, by, "noise")
+    assert torch.allclose(fast.values, full.values, atol=1e-5)
+
+
+def test_per_layer_sweep_over_several_prompt_lengths(gqa):
+    pairs = [*PAIRS, ("When Mary and John went , John gave", "When Tom and Anna went , Paul gave", "to", "a")]
+    prepared = Task("mixed", [Example(c, x, [" " + a], [" " + w]) for c, x, a, w in pairs]).prepare(gqa)
+    assert len(prepared.batches) == 2
+    fast = ActivationPatcher(gqa, prepared, progress=False).sweep("resid_pre", "layer")
+    full = ActivationPatcher(gqa, prepared, progress=False, restart=False).sweep("resid_pre", "layer")
+    assert torch.allclose(fast.values, full.values, atol=1e-5)
+    assert torch.allclose(fast.values[0], fast.clean, atol=1e-5)
+    with pytest.raises(TokenizationError, match="one token length"):
+        ActivationPatcher(gqa, prepared, progress=False).sweep("resid_pre", "layer,pos")
+
+
+def test_identical_positions_are_skipped_and_equal_baseline(gqa, prepared):
+    result = ActivationPatcher(gqa, prepared, progress=False).sweep("resid_pre", "layer,pos")
+    assert result.stats["cells_skipped"] >= 2 * gqa.n_layers  # BOS and 'When' are shared by every pair
+    bos = [i for i, c in enumerate(result.cells) if c.pos == 0]
+    assert torch.equal(result.values[bos], result.corrupt.expand(len(bos), -1))
+
+
+def test_kl_metric_and_answer_position_path(gqa):
+    prepared = _task("kl").prepare(gqa)
+    fast = ActivationPatcher(gqa, prepared, progress=False).sweep("resid_pre", "layer,pos", layers=[1])
+    full = ActivationPatcher(gqa, prepared, progress=False, restart=False).sweep("resid_pre", "layer,pos", layers=[1])
+    assert torch.allclose(fast.values, full.values, atol=1e-5)
+    assert torch.allclose(fast.clean, torch.zeros(3), atol=1e-5)
+
+
+def test_bad_input_raises_clear_errors(gqa, prepared, toy_attn_only):
+    patcher = ActivationPatcher(gqa, prepared, progress=False)
+    with pytest.raises(PatchingError, match="unknown patching site"):
+        patcher.sweep("resid_middle")
+    with pytest.raises(PatchingError, match="head index 2 out of range 0..1.*kv head"):
+        patcher.sweep("k", "layer,head", heads=[2])
+    with pytest.raises(PatchingError, match="head index 4 out of range"):
+        patcher.sweep("z", "layer,head", heads=[4])
+    with pytest.raises(PatchingError, match="layer index 5"):
+        patcher.sweep("z", "layer,head", layers=[5])
+    with pytest.raises(PatchingError, match="has no heads"):
+        patcher.sweep("resid_pre", "layer,head")
+    with pytest.raises(PatchingError, match="unsupported granularity"):
+        patcher.sweep("resid_pre", "pos")
+    with pytest.raises(PatchingError, match="unknown direction"):
+        patcher.sweep("resid_pre", direction="sideways")
+    with pytest.raises(PatchingError, match="max_batch"):
+        ActivationPatcher(gqa, prepared, max_batch=0)
+    with pytest.raises(PatchingError, match="attention-only"):
+        ActivationPatcher(toy_attn_only, _task().prepare(toy_attn_only), progress=False).sweep("mlp_out")
+    unaligned = Task("u", [Example("When Mary and John went", "When Tom went", [" Mary"], [" John"])],
+                     align=False).prepare(gqa)
+    with pytest.raises(TokenizationError, match="same token length"):
+        ActivationPatcher(gqa, unaligned)
+    assert issubclass(PatchingError, CircuitlabError)
+
+
+def test_result_records_json_and_run_patching(gqa, tmp_path):
+    result, sweep = run_patching(gqa, _task(), site="z", by="layer,head,pos", out=tmp_path, progress=False)
+    assert {"site", "layer", "pos", "head", "value"} <= result.records[0].keys()
+    n_pos = len(sweep.pos_labels)
+    assert len(result.records) == len(sweep.cells) == gqa.n_layers * gqa.n_heads * n_pos
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["command"] == "patch" and len(saved["records"]) == len(sweep.cells)
+    assert (tmp_path / "heatmap_z_layer_pos.png").stat().st_size > 1000
+    assert (tmp_path / "heatmap_z_layer_head.png").stat().st_size > 1000
+    back = PatchingResult.from_json((tmp_path / "patching.json").read_text())
+    assert back.cells == sweep.cells and torch.allclose(back.values, sweep.values)
+    frame = pd.read_csv(tmp_path / "results.csv")
+    assert frame["value"].notna().all()
+    per_prompt = sweep.records(per_prompt=True)
+    assert len(per_prompt) == len(sweep.cells) * 3 and "prompt" in per_prompt[0]
