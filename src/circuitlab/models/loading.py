@@ -164,6 +164,7 @@ def load_native(config: Any, *, dtype: torch.dtype = torch.float32, tokenizer: A
         )
     # The tokenizer stays on the Model only: the bridge would try to re-load it by name from the hub.
     bridge = TransformerBridge.boot_native(config, dtype=dtype)
+    bridge.eval()  # boot_native returns training mode; analyses (and TL's patching) need eval
     return Model(bridge=bridge, tokenizer=tokenizer, spec=name, source="native")
 
 

@@ -175,8 +175,11 @@ class ActivationPatcher:
         restart = runs.restart if runs is not None else LayerRestart(self.model)
         bridge = self.model.bridge
         keep = sorted(names | (runs.clean.keys() if runs else set()))
+        # Record block inputs on one row: _fit broadcasts tensors whose first dim is the recorded batch
+        # size, which is only unambiguous at 1 (a batch of n_pos rows would confuse cache_position [pos]).
         with restart.capture():
-            clean_logits, clean_cache = bridge.run_with_cache(batch.clean, names_filter=keep)
+            bridge(batch.clean[:1], return_type="logits")
+        clean_logits, clean_cache = bridge.run_with_cache(batch.clean, names_filter=keep)
         corrupt_logits, corrupt_cache = bridge.run_with_cache(batch.corrupt, names_filter=keep)
         runs = _Runs(
             clean={k: clean_cache[k] for k in keep}, corrupt={k: corrupt_cache[k] for k in keep},

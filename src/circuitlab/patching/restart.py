@@ -10,7 +10,8 @@ ids, and on some architectures per-layer variants (sliding-window masks, local v
 rebuilding these, `capture()` records the keyword arguments every block received during one ordinary bridge
 forward, and `run()` replays them. That is valid because circuitlab batches hold prompts of one token length
 with no padding, so the mask and positions are the same for every row: row 0's values are broadcast to any
-batch size. tests/unit/test_patching_restart.py checks restart == full forward on a toy model and on SmolLM2.
+batch size. Record at batch size 1 (callers do): `_fit` treats a leading dim equal to the recorded batch size
+as the batch dim, which is only unambiguous at 1. tests/unit/test_patching_restart.py checks restart == full forward on a toy model and on SmolLM2.
 """
 
 from __future__ import annotations
