@@ -15,9 +15,10 @@ from circuitlab.tasks.registry import register_task
 from circuitlab.tasks.task import Example, Task
 
 # {A} = IO, {B} = S in ABBA order; BABA swaps the first two names.
-# Templates and names checked on SmolLM2-135M (256 random prompts per template): each template has top-1
-# accuracy >= 0.97 and mean logit difference >= 4.5. Dropped as weak: "After X and Y went to ..., S gave"
-# (acc 0.94), "While X and Y were working at the ..." (acc 0.90), "Friends X and Y found a ..." (ABBA fails).
+# Templates and names checked on SmolLM2-135M (seed 1, 64 prompts per template): each template has top-1
+# accuracy >= 0.95 and mean logit difference >= 3.9 (all: 0.975, 4.68). Dropped as weak (96 prompts each,
+# old name list): "After X and Y went to ..., S gave" (acc 0.94), "While X and Y were working at the ..."
+# (acc 0.90), "Then, X and Y had a lot of fun at the ..." (0.84), "Friends X and Y found a ..." (ABBA fails).
 TEMPLATES = [
     "When {X} and {Y} went to the {PLACE}, {S} gave a {OBJECT} to",
     "Then, {X} and {Y} went to the {PLACE}. {S} gave a {OBJECT} to",
@@ -25,15 +26,15 @@ TEMPLATES = [
     "After the lunch, {X} and {Y} went to the {PLACE}. {S} gave a {OBJECT} to",
     "Then, {X} and {Y} had a long argument. Afterwards {S} said to",
 ]
-# Names the model predicts reliably as the IO; Paul, Henry, Daniel, Eric, Michael, Mark, Jane, Chris and
-# Steve were dropped (mean log P(IO) < -1.2 as the answer).
+# Names the model predicts reliably as the IO; Paul, Henry, Daniel, Eric, Michael, Mark, Jane, Chris,
+# Steve and James were dropped (mean log P(IO) < -1.0 as the answer), Joe (often predicted as the S).
 NAMES = [
-    "Mary", "John", "Tom", "James", "Sarah", "Anna", "David", "Peter", "Laura", "Kate", "Emma", "Lisa",
-    "Jack", "Alice", "Bob", "Rachel", "Adam", "Amy", "Ben", "Joe", "Ryan", "Sam", "Tim", "Linda", "Susan",
-    "George", "Helen",
+    "Mary", "John", "Tom", "Sarah", "Anna", "David", "Peter", "Laura", "Kate", "Emma", "Lisa", "Jack",
+    "Alice", "Bob", "Rachel", "Adam", "Amy", "Ben", "Ryan", "Sam", "Tim", "Linda", "Susan", "George", "Helen",
 ]
 PLACES = ["store", "park", "school", "office", "hospital", "station", "restaurant", "garden", "market", "house"]
-OBJECTS = ["drink", "book", "ring", "ball", "gift", "letter", "bag", "cake", "computer", "key"]
+# "key" dropped: "gave a key to" continues with " the" too often.
+OBJECTS = ["drink", "book", "ring", "ball", "gift", "letter", "bag", "cake", "computer"]
 
 
 def _single_tokens(model: Model, words: list[str]) -> list[str]:

@@ -26,7 +26,7 @@ def register_task(name: str, description: str) -> Callable[[Generator], Generato
 
 def _load_builtins() -> None:
     # Importing the generator modules registers them.
-    from circuitlab.tasks import ioi  # noqa: F401
+    from circuitlab.tasks import facts, greater_than, induction, ioi, qa  # noqa: F401
 
 
 def builtin_tasks() -> dict[str, str]:
