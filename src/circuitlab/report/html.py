@@ -83,3 +83,17 @@ def render_report(result: Result, out_dir: str | Path) -> str:
 def write_report(result: Result, out_dir: str | Path) -> Path:
     """Write report.html into `out_dir` (atomically) and return its path."""
     return write_text_atomically(Path(out_dir) / "report.html", render_report(result, out_dir))
+
+
+def write_index(out_dir: str | Path, steps: list[tuple[str, str, Result]]) -> Path:
+    """index.html linking the report.html of each step folder (name, description, result)."""
+    rows = "".join(
+        f"<tr><td><a href='{html.escape(name)}/report.html'>{html.escape(name)}</a></td><td>{html.escape(desc)}</td>"
+        f"<td>{r.timing_s:.1f} s</td></tr>"
+        for name, desc, r in steps
+    )
+    model = steps[0][2].model.get("spec", "?") if steps else "?"
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>circuitlab demo</title><style>{STYLE}</style>"
+            f"</head><body><h1>circuitlab: {html.escape(str(model))}</h1><table><tr><th>step</th><th>what</th>"
+            f"<th>time</th></tr>{rows}</table></body></html>")
+    return write_text_atomically(Path(out_dir) / "index.html", page)
