@@ -159,13 +159,170 @@ def eval_cmd(task: TaskOpt = "ioi", model: ModelOpt = DEFAULT_SPEC, out: OutOpt 
 
 
 @app.command()
-def demo(model: ModelOpt = DEFAULT_SPEC, out: OutOpt = Path("out/demo"), n: NOpt = 32, seed: SeedOpt = 0) -> None:
-    """The main job: IOI on the model (evaluation table, and the analyses that later issues add)."""
+def demo(model: ModelOpt = DEFAULT_SPEC, out: OutOpt = Path("out/demo"), n: NOpt = 32, seed: SeedOpt = 0,
+         patch_n: Annotated[int, typer.Option("--patch-n", help="IOI prompts for the patching sweeps")] = 8) -> None:
+    """The main job on IOI: evaluation table, then resid_pre (layer x position) and per-head z activation
+    patching heatmaps; each step writes its own folder under --out with results.json and report.html."""
+    from circuitlab.patching.run import run_patching
+    from circuitlab.report import write_index
+
+    steps = []
     try:
         result, m = run_eval(model, "ioi", out / "eval", n, seed, None)
+        print_records([result.summary], f"IOI on {model}")
+        steps.append(("eval", "IOI evaluation: accuracy and clean / corrupt logit difference", result))
+        for site, by in (("resid_pre", "layer,pos"), ("z", "layer,head")):
+            folder = out / f"patch_{site}"
+            res, sweep = run_patching(m, "ioi", site=site, by=by, n=patch_n, seed=seed, out=folder)
+            save_result(res, folder)
+            steps.append((folder.name, f"activation patching, {site} by {by} (denoising, normalised)", res))
+            top = sorted(res.records, key=lambda r: -abs(r["value"]))[:5]
+            print_records(top, f"{site} by {by}: largest effects ({res.timing_s:.1f} s)")
     except CircuitlabError as exc:
         fail(exc)
-    print_records([result.summary], f"IOI on {model}")
+    index = write_index(out, [(name, desc, r) for name, desc, r in steps])
+    console.print(f"wrote {out} (open {index})")
+
+
+@app.command()
+def attribute(
+    method: Annotated[str, typer.Option("--method", help="dla, ig, rollout, flow, attn-grad or atp")] = "dla",
+    model: ModelOpt = DEFAULT_SPEC, task: Annotated[str | None, typer.Option("--task", "-t", help="Built-in task or file")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="A single prompt instead of --task")] = None,
+    answer: Annotated[str | None, typer.Option("--answer", help="Answer token for --prompt, e.g. ' Mary'")] = None,
+    wrong: Annotated[str | None, typer.Option("--wrong", help="Wrong-answer token for --prompt (logit difference)")] = None,
+    corrupt: Annotated[str | None, typer.Option("--corrupt", help="Corrupt prompt for --prompt (atp, ig baseline)")] = None,
+    out: OutOpt = Path("out/attribute"), n: NOpt = 8, seed: SeedOpt = 0, metric: MetricOpt = None,
+    steps: Annotated[int, typer.Option("--steps", help="IG interpolation steps")] = 64,
+    rule: Annotated[str, typer.Option("--rule", help="IG rule: riemann_left/right/middle/trapezoid, gausslegendre")] = "gausslegendre",
+    baseline: Annotated[str, typer.Option("--baseline", help="IG baseline: auto (corrupt if given, else pad), zero, pad, bos, corrupt")] = "auto",
+    hook: Annotated[str, typer.Option("--hook", help="IG hook (hook_embed = input embeddings)")] = "hook_embed",
+    index: Annotated[int, typer.Option("--index", help="Prompt shown by rollout / flow")] = 0,
+) -> None:
+    """Attribution: direct logit attribution, integrated gradients, attention rollout / flow,
+    attention x gradient, attribution patching."""
+    from circuitlab.attribution import prompt_task, run_attribution
+    from circuitlab.tasks import make_task
+
+    try:
+        if (task is None) == (prompt is None) or (prompt is not None and answer is None):
+            raise CircuitlabError("pass either --task, or --prompt with --answer (and optionally --wrong, --corrupt)")
+        m = load(model)
+        t = make_task(task, m, n=n, seed=seed, metric=metric) if task else prompt_task(prompt, answer, wrong, corrupt)
+        result = run_attribution(m, t.prepare(m), method, out, steps=steps, rule=rule, baseline=baseline, hook=hook,
+                                 prompt=index, task_info=task_info(t), seed=seed)
+        save_result(result, out)
+    except CircuitlabError as exc:
+        fail(exc)
+    print_records([result.summary], f"attribute --method {method} on {model}")
+    print_records(sorted(result.records, key=lambda r: -abs(r["value"]))[:10], "largest |value|")
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def trace(
+    model: ModelOpt = DEFAULT_SPEC,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="Prompt, e.g. 'The Eiffel Tower is located in the city of'")] = None,
+    subject: Annotated[str | None, typer.Option("--subject", help="Subject string as written in the prompt (noised)")] = None,
+    target: Annotated[str | None, typer.Option("--target", help="Target token, e.g. ' Paris'")] = None,
+    task: Annotated[str | None, typer.Option("--task", "-t", help="Average over a task with subjects (facts)")] = None,
+    kind: Annotated[str, typer.Option("--kind", help="resid, mlp, attn or all")] = "all",
+    samples: Annotated[int, typer.Option("--samples", help="Noise samples per run")] = 10,
+    noise: Annotated[float, typer.Option("--noise", help="Noise std as a multiple of the embedding std")] = 3.0,
+    window: Annotated[int, typer.Option("--window", help="Layers restored together for mlp / attn")] = 10,
+    out: OutOpt = Path("out/trace"), n: NOpt = None, seed: SeedOpt = 0,
+) -> None:
+    """ROME causal tracing: noise the subject's embeddings, restore clean states per (layer, token)."""
+    from circuitlab.patching.causal_trace import KINDS, run_average_trace, run_causal_trace
+    from circuitlab.tasks import make_task
+
+    kinds = list(KINDS) if kind == "all" else [kind]
+    try:
+        if (task is None) == (prompt is None) or (prompt is not None and (subject is None or target is None)):
+            raise CircuitlabError("pass either --prompt with --subject and --target, or --task (e.g. facts)")
+        m = load(model)
+        if task is not None:
+            t = make_task(task, m, n=n, seed=seed)
+            result = run_average_trace(m, t, kinds, out, window=window, noise=noise, samples=samples, seed=seed)
+        else:
+            result = run_causal_trace(m, prompt, subject, target, kinds, out, window=window, noise=noise,
+                                      samples=samples, seed=seed)
+        save_result(result, out)
+    except CircuitlabError as exc:
+        fail(exc)
+    print_records([{"summary": k, "value": v} for k, v in result.summary.items()], f"trace on {model}", limit=40)
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def lens(
+    model: ModelOpt = DEFAULT_SPEC,
+    prompt: Annotated[str, typer.Option("--prompt", help="Prompt to read layer by layer")] = "The Eiffel Tower is located in the city of",
+    target: Annotated[str | None, typer.Option("--target", help="Token to follow through depth, e.g. ' Paris'")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Top tokens kept per layer and position")] = 10,
+    out: OutOpt = Path("out/lens"),
+) -> None:
+    """Logit lens: final norm + unembedding of every layer's residual stream."""
+    from circuitlab.lens.logit_lens import run_logit_lens
+
+    try:
+        m = load(model)
+        result = run_logit_lens(m, prompt, out, target=target, top_k=top_k)
+        save_result(result, out)
+    except CircuitlabError as exc:
+        fail(exc)
+    last = len(result.records) // (m.n_layers + 1)
+    rows = [{k: r[k] for k in ("layer", "top1", "top1_prob", "target_rank", "target_prob", "kl_final") if k in r}
+            for r in result.records[last - 1 :: last]]
+    print_records(rows, f"logit lens at the last token on {model}", limit=m.n_layers + 1)
+    console.print(f"wrote {out}")
+
+
+@app.command("path-patch")
+def path_patch_cmd(
+    model: ModelOpt = DEFAULT_SPEC, task: TaskOpt = "ioi",
+    receivers: Annotated[str, typer.Option("--receivers", "-r", help="Receiver pattern(s), comma-separated: 'a9.h*<q>' (queries of layer-9 heads), 'a9.h1' (its q,k,v), 'm5', 'logits'")] = "logits",
+    out: OutOpt = Path("out/path-patch"), n: NOpt = 8, seed: SeedOpt = 0, metric: MetricOpt = None,
+) -> None:
+    """Path patching: every head as sender into --receivers (direct edges, corrupt -> clean), layer x head heatmap."""
+    from circuitlab.graph.path_patching import run_path_patching
+    from circuitlab.tasks import make_task
+
+    try:
+        m = load(model)
+        result = run_path_patching(m, make_task(task, m, n=n, seed=seed, metric=metric), receivers, out, seed=seed)
+        save_result(result, out)
+    except CircuitlabError as exc:
+        fail(exc)
+    print_records([result.summary], f"path-patch into {receivers} on {model}")
+    print_records(sorted(result.records, key=lambda r: r["normalised"] if r["normalised"] == r["normalised"] else 0.0)[:10],
+                  "strongest senders")
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def patch(
+    model: ModelOpt = DEFAULT_SPEC, task: TaskOpt = "ioi",
+    site: Annotated[str, typer.Option("--site", help="resid_pre, resid_mid, resid_post, attn_out, mlp_out, z, q, k, v, pattern")] = "resid_pre",
+    by: Annotated[str, typer.Option("--by", help="layer,pos | layer | layer,head | layer,head,pos")] = "layer,pos",
+    direction: Annotated[str, typer.Option("--direction", help="denoise (clean into corrupt) or noise (corrupt into clean)")] = "denoise",
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Patched rows per forward pass (memory budget)")] = 256,
+    per_prompt: Annotated[bool, typer.Option("--per-prompt", help="One record per cell and prompt")] = False,
+    out: OutOpt = Path("out/patch"), n: NOpt = 8, seed: SeedOpt = 0, metric: MetricOpt = None,
+) -> None:
+    """Activation patching sweep: normalised effect per cell (0 = corrupt, 1 = clean) and heatmaps."""
+    from circuitlab.patching.run import run_patching
+
+    try:
+        m = load(model)
+        result, _ = run_patching(m, task, site=site, by=by, direction=direction, n=n, seed=seed, metric=metric,
+                                 max_batch=max_batch, out=out, per_prompt=per_prompt)
+        save_result(result, out)
+    except CircuitlabError as exc:
+        fail(exc)
+    print_records([{k: v for k, v in result.summary.items() if k != "max_abs_cell"} | result.summary["max_abs_cell"]],
+                  f"patch --site {site} --by {by} on {model}")
+    print_records(sorted(result.records, key=lambda r: -abs(r["value"]))[:10], "largest |effect|")
     console.print(f"wrote {out}")
 
 

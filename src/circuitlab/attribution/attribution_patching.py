@@ -1,0 +1,112 @@
+"""Attribution patching (Nanda 2023): the first-order Taylor approximation of activation patching.
+
+Denoising, as in `circuitlab.patching` and METHODS.md: the effect of putting the clean activation a(x) of
+site s into the corrupt run is approximated by (a_s(x) - a_s(x')) . dm/da_s evaluated on the corrupt run,
+with m the metric averaged over the prompts, and normalised like activation patching:
+effect / (m(x) - m(x')), so 0 = corrupt behaviour and 1 = clean behaviour. Cost: one clean forward, one
+corrupt forward and one backward for every site, layer, position and head at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from jaxtyping import Float
+
+from circuitlab.attribution.forward import MetricFn, metric_with_hooks
+from circuitlab.errors import CircuitlabError
+from circuitlab.models.model import Model
+from circuitlab.tasks.metrics import normalised
+from circuitlab.tasks.task import TaskBatch
+
+# site -> hook name template; z is per head ([batch, pos, head, d_head]), the rest [batch, pos, d_model].
+SITES = {
+    "resid_pre": "blocks.{layer}.hook_resid_pre",
+    "resid_mid": "blocks.{layer}.hook_resid_mid",
+    "resid_post": "blocks.{layer}.hook_resid_post",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+    "z": "blocks.{layer}.attn.hook_z",
+}
+DEFAULT_SITES = ("resid_pre", "attn_out", "mlp_out", "z")
+
+
+@dataclass
+class AttributionPatching:
+    """effects[site]: normalised effects, [layer, pos] ([layer, pos, head] for 'z');
+    clean_metric / corrupt_metric: dataset means of the metric."""
+
+    effects: dict[str, torch.Tensor]
+    clean_metric: float
+    corrupt_metric: float
+
+    def head_all_positions(self) -> Float[torch.Tensor, "layer head"]:
+        """Each head patched at every position at once (first order: the sum over positions)."""
+        if "z" not in self.effects:
+            raise CircuitlabError("head effects need the 'z' site; include it in sites")
+        return self.effects["z"].sum(1)
+
+    def records(self) -> list[dict]:
+        rows = []
+        for site, values in self.effects.items():
+            for index in torch.cartesian_prod(*(torch.arange(n) for n in values.shape)).tolist():
+                row = {"site": site, "layer": index[0], "pos": index[1], "head": index[2] if site == "z" else -1}
+                rows.append({**row, "value": float(values[tuple(index)])})
+        return rows
+
+
+def site_hooks(model: Model, sites: tuple[str, ...] | list[str]) -> dict[str, list[str]]:
+    """Hook names per site, with a clear error for unknown sites or sites the model lacks."""
+    out = {}
+    for site in sites:
+        if site not in SITES:
+            raise CircuitlabError(f"unknown attribution-patching site {site!r}; choose from {', '.join(SITES)}")
+        if model.attn_only and site in ("resid_mid", "mlp_out"):
+            raise CircuitlabError(f"site {site!r} does not exist in an attention-only model")
+        out[site] = [SITES[site].format(layer=layer) for layer in range(model.n_layers)]
+    return out
+
+
+def attribution_patching(
+    model: Model, batch: TaskBatch, metric: MetricFn, *, sites: tuple[str, ...] | list[str] = DEFAULT_SITES
+) -> AttributionPatching:
+    """Normalised first-order denoising effects of every site, layer, position (and head) of `batch`."""
+    hooks = site_hooks(model, sites)
+    names = {name for group in hooks.values() for name in group}
+    model.check_tokens(batch.clean)
+    model.check_tokens(batch.corrupt)
+    if batch.clean.shape != batch.corrupt.shape:
+        raise CircuitlabError("attribution patching needs clean and corrupt prompts of the same token length")
+    with torch.no_grad():
+        clean_logits, clean_cache = model.bridge.run_with_cache(batch.clean, names_filter=lambda n: n in names)
+        clean_metric = metric(clean_logits, batch).mean()
+    corrupt_acts: dict[str, torch.Tensor] = {}
+
+    def differentiable(act: torch.Tensor, hook=None) -> torch.Tensor:
+        return act.detach().requires_grad_(True)  # the graph starts at the embeddings
+
+    def keep(name: str) -> Callable:
+        def hook(act: torch.Tensor, hook=None) -> torch.Tensor:
+            corrupt_acts[name] = act  # keyed by our name: the bridge reports aliases (hook_z) by their target
+            return act
+
+        return hook
+
+    with torch.enable_grad():
+        run_hooks = [("hook_embed", differentiable)] + [(name, keep(name)) for name in names]
+        corrupt_metric = metric_with_hooks(model, replace(batch, clean=batch.corrupt), metric, run_hooks).mean()
+        ordered = sorted(names)
+        grads = dict(zip(ordered, torch.autograd.grad(corrupt_metric, [corrupt_acts[n] for n in ordered], allow_unused=True), strict=True))
+    effects = {}
+    for site, group in hooks.items():
+        per_layer = []
+        for name in group:
+            delta = clean_cache[name] - corrupt_acts[name].detach()
+            grad = grads[name] if grads[name] is not None else torch.zeros_like(delta)
+            raw = (delta * grad).sum(0)  # [pos, d] or [pos, head, d_head]
+            per_layer.append(raw.sum(-1))
+        raw_site = torch.stack(per_layer)
+        effects[site] = normalised(raw_site + corrupt_metric.detach(), clean_metric, corrupt_metric.detach())
+    return AttributionPatching(effects, float(clean_metric), float(corrupt_metric.detach()))
