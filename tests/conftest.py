@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -31,6 +33,33 @@ def toy():
 @pytest.fixture(scope="session")
 def toy_attn_only():
     return toy_model(words=TOY_WORDS, n_layers=2, attn_only=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def toy_dir(tmp_path_factory, toy):
+    """The `toy` model saved as a native model directory, so CLI tests can pass it as --model."""
+    from circuitlab.models.loading import save_native
+    from circuitlab.models.toy import toy_config
+
+    path = tmp_path_factory.mktemp("toy") / "model"
+    save_native(toy, path, toy_config(d_vocab=len(toy.tokenizer), seed=0))
+    return path
+
+
+IOI_LIKE_ROWS = [
+    {"clean": "When Mary and John went to the store , John gave a drink to",
+     "corrupt": "When Tom and Anna went to the store , Paul gave a drink to", "answer": " Mary", "wrong": " John"},
+    {"clean": "When John and Mary went to the store , Mary gave a drink to",
+     "corrupt": "When Tom and Anna went to the store , Paul gave a drink to", "answer": " John", "wrong": " Mary"},
+]
+
+
+@pytest.fixture(scope="session")
+def task_file(tmp_path_factory):
+    """A two-example IOI-like JSONL task in the toy vocabulary."""
+    path = tmp_path_factory.mktemp("task") / "names.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in IOI_LIKE_ROWS))
+    return path
 
 
 def pytest_collection_modifyitems(config, items):

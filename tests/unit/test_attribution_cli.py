@@ -2,36 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from typer.testing import CliRunner
 
 from circuitlab.cli import app
-from circuitlab.models.loading import save_native
-from circuitlab.models.toy import toy_config
 from circuitlab.results import load_results
 
 runner = CliRunner()
 PROMPT = "When Mary and John went to the store , John gave a drink to"
-
-
-@pytest.fixture(scope="module")
-def toy_dir(tmp_path_factory, toy):
-    path = tmp_path_factory.mktemp("toy") / "model"
-    save_native(toy, path, toy_config(d_vocab=len(toy.tokenizer), seed=0))
-    return path
-
-
-@pytest.fixture(scope="module")
-def task_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("task") / "names.jsonl"
-    rows = [
-        {"clean": PROMPT, "corrupt": "When Tom and Anna went to the store , Paul gave a drink to", "answer": " Mary", "wrong": " John"},
-        {"clean": "When John and Mary went to the store , Mary gave a drink to", "corrupt": "When Tom and Anna went to the store , Paul gave a drink to", "answer": " John", "wrong": " Mary"},
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.mark.parametrize(("method", "figure"), [

@@ -8,22 +8,13 @@ import pytest
 from typer.testing import CliRunner
 
 from circuitlab.cli import app
-from circuitlab.models.loading import save_native
-from circuitlab.models.toy import toy_config
 from circuitlab.results import load_results
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def toy_dir(tmp_path_factory, toy):
-    path = tmp_path_factory.mktemp("toy") / "model"
-    save_native(toy, path, toy_config(d_vocab=len(toy.tokenizer), seed=0))
-    return path
-
-
-@pytest.fixture(scope="module")
-def task_file(tmp_path_factory):
+def short_task_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("task") / "names.jsonl"
     rows = [
         {"clean": "When Mary and John went , John gave a drink to", "corrupt": "When Tom and Anna went , Paul gave a drink to", "answer": " Mary", "wrong": " John"},
@@ -33,9 +24,9 @@ def task_file(tmp_path_factory):
     return path
 
 
-def test_patch_writes_records_and_heatmap(tmp_path, toy_dir, task_file):
+def test_patch_writes_records_and_heatmap(tmp_path, toy_dir, short_task_file):
     out = tmp_path / "out"
-    res = runner.invoke(app, ["patch", "--model", str(toy_dir), "--task", str(task_file), "--site", "resid_pre",
+    res = runner.invoke(app, ["patch", "--model", str(toy_dir), "--task", str(short_task_file), "--site", "resid_pre",
                               "--by", "layer,pos", "--direction", "denoise", "--max-batch", "5", "--out", str(out)])
     assert res.exit_code == 0, res.output
     result = load_results(out)
@@ -46,9 +37,9 @@ def test_patch_writes_records_and_heatmap(tmp_path, toy_dir, task_file):
     assert (out / "heatmap_resid_pre_layer_pos.png").stat().st_size > 1000
 
 
-def test_patch_heads_noising(tmp_path, toy_dir, task_file):
+def test_patch_heads_noising(tmp_path, toy_dir, short_task_file):
     out = tmp_path / "heads"
-    res = runner.invoke(app, ["patch", "--model", str(toy_dir), "--task", str(task_file), "--site", "z",
+    res = runner.invoke(app, ["patch", "--model", str(toy_dir), "--task", str(short_task_file), "--site", "z",
                               "--by", "layer,head", "--direction", "noise", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert len(load_results(out).records) == 2 * 4
@@ -60,7 +51,7 @@ def test_patch_heads_noising(tmp_path, toy_dir, task_file):
     (["--site", "resid_pre", "--by", "layer,head"], "has no heads"),
     (["--direction", "up"], "unknown direction"),
 ])
-def test_patch_bad_input(tmp_path, toy_dir, task_file, args, message):
-    res = runner.invoke(app, ["patch", "--model", str(toy_dir), "--task", str(task_file), "--out", str(tmp_path), *args])
+def test_patch_bad_input(tmp_path, toy_dir, short_task_file, args, message):
+    res = runner.invoke(app, ["patch", "--model", str(toy_dir), "--task", str(short_task_file), "--out", str(tmp_path), *args])
     assert res.exit_code == 2
     assert message in " ".join(res.output.split())
