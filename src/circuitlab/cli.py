@@ -198,6 +198,8 @@ def attribute(
     baseline: Annotated[str, typer.Option("--baseline", help="IG baseline: auto (corrupt if given, else pad), zero, pad, bos, corrupt")] = "auto",
     hook: Annotated[str, typer.Option("--hook", help="IG hook (hook_embed = input embeddings)")] = "hook_embed",
     index: Annotated[int, typer.Option("--index", help="Prompt shown by rollout / flow")] = 0,
+    sites: Annotated[str, typer.Option("--sites", help="atp sites, comma-separated: resid_pre, resid_mid, "
+                                       "resid_post, attn_out, mlp_out, z, q, k, v, pattern")] = "resid_pre,attn_out,mlp_out,z",
 ) -> None:
     """Attribution: direct logit attribution, integrated gradients, attention rollout / flow,
     attention x gradient, attribution patching."""
@@ -210,7 +212,8 @@ def attribute(
         m = load(model)
         t = make_task(task, m, n=n, seed=seed, metric=metric) if task else prompt_task(prompt, answer, wrong, corrupt)
         result = run_attribution(m, t.prepare(m), method, out, steps=steps, rule=rule, baseline=baseline, hook=hook,
-                                 prompt=index, task_info=task_info(t), seed=seed)
+                                 prompt=index, task_info=task_info(t), seed=seed,
+                                 sites=tuple(x.strip() for x in sites.split(",") if x.strip()))
         save_result(result, out)
     except CircuitlabError as exc:
         fail(exc)

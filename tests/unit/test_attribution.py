@@ -318,3 +318,45 @@ def test_run_attribution_bad_method(toy, tmp_path):
         run_attribution(toy, prepared(toy), "saliency", tmp_path)
     with pytest.raises(CircuitlabError, match="prompt index"):
         run_attribution(toy, prepared(toy), "rollout", tmp_path, prompt=7)
+
+
+@pytest.mark.parametrize("site, head", [("q", 1), ("k", 0), ("v", 1), ("pattern", 2)])
+def test_attribution_patching_head_sites_are_directional_derivatives(site, head):
+    """q/k/v/pattern AtP of one head (all positions) = d metric along (clean - corrupt) at the corrupt run."""
+    from circuitlab.attribution.attribution_patching import SITES, attribution_patching
+    from circuitlab.models.toy import toy_model
+    from circuitlab.tasks import Example, Task
+
+    words = "When Mary and John went to the store , John gave a drink to Tom Anna Paul".split()
+    model = toy_model(words=words, n_layers=2, n_heads=4, n_key_value_heads=2, seed=3)
+    task = Task("t", [
+        Example("When Mary and John went to the store , John gave a drink to",
+                "When Tom and Anna went to the store , Paul gave a drink to", " Mary", " John"),
+        Example("When John and Mary went to the store , Mary gave a drink to",
+                "When Anna and Tom went to the store , Paul gave a drink to", " John", " Mary"),
+    ])
+    prepared = task.prepare(model)
+    batch = prepared.single_batch()
+    atp = attribution_patching(model, batch, prepared.metric, sites=[site])
+    layer, eps, name = 1, 1e-3, SITES[site].format(layer=1)
+    _, clean_cache = model.bridge.run_with_cache(batch.clean, names_filter=name)
+    clean = clean_cache[name]
+    head_axis = 1 if site == "pattern" else 2
+
+    def metric_along(t: float) -> float:
+        def move(act, **_):
+            index = [slice(None)] * act.ndim
+            index[head_axis] = head
+            act = act.clone()
+            act[tuple(index)] = act[tuple(index)] + t * (clean[tuple(index)] - act[tuple(index)])
+            return act
+
+        with torch.no_grad():
+            logits = model.bridge.run_with_hooks(batch.corrupt, fwd_hooks=[(name, move)])
+        return float(prepared.metric(logits, batch).mean())
+
+    derivative = (metric_along(eps) - metric_along(-eps)) / (2 * eps)
+    expected = derivative / (atp.clean_metric - atp.corrupt_metric)
+    got = float(atp.effects[site][layer, :, head].sum())
+    assert abs(expected) > 1e-4  # the check has something to see
+    assert got == pytest.approx(expected, rel=0.02, abs=1e-5)

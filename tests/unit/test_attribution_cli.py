@@ -58,3 +58,15 @@ def test_attribute_bad_input(tmp_path, toy_dir, task_file, args, message):
     res = runner.invoke(app, ["attribute", "--model", str(toy_dir), "--out", str(tmp_path / "bad"), *args])
     assert res.exit_code == 2
     assert message in " ".join(res.output.split())
+
+
+def test_attribute_atp_head_sites(tmp_path, toy_dir, task_file):
+    out = tmp_path / "atp"
+    res = runner.invoke(app, ["attribute", "--method", "atp", "--model", str(toy_dir), "--task", str(task_file),
+                              "--sites", "q,v,pattern", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert {r["site"] for r in load_results(out).records} == {"q", "v", "pattern"}
+    assert (out / "atp_q_heads.png").is_file() and (out / "atp_pattern_heads.png").is_file()
+    res = runner.invoke(app, ["attribute", "--method", "atp", "--model", str(toy_dir), "--task", str(task_file),
+                              "--sites", "bogus", "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "unknown attribution-patching site 'bogus'" in res.output

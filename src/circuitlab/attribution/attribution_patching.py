@@ -21,7 +21,7 @@ from circuitlab.models.model import Model
 from circuitlab.tasks.metrics import normalised
 from circuitlab.tasks.task import TaskBatch
 
-# site -> hook name template; z is per head ([batch, pos, head, d_head]), the rest [batch, pos, d_model].
+# site -> hook name template; per-head sites are [batch, pos, head, d_head], the rest [batch, pos, d_model].
 SITES = {
     "resid_pre": "blocks.{layer}.hook_resid_pre",
     "resid_mid": "blocks.{layer}.hook_resid_mid",
@@ -29,13 +29,20 @@ SITES = {
     "attn_out": "blocks.{layer}.hook_attn_out",
     "mlp_out": "blocks.{layer}.hook_mlp_out",
     "z": "blocks.{layer}.attn.hook_z",
+    "q": "blocks.{layer}.attn.hook_q",
+    "k": "blocks.{layer}.attn.hook_k",
+    "v": "blocks.{layer}.attn.hook_v",
+    "pattern": "blocks.{layer}.attn.hook_pattern",
 }
+# Per-head sites. q/z: query heads; k/v: key/value heads under GQA (as in circuitlab.patching);
+# pattern: [batch, head, dest, src], reported per destination position (summed over sources).
+HEAD_SITES = ("z", "q", "k", "v", "pattern")
 DEFAULT_SITES = ("resid_pre", "attn_out", "mlp_out", "z")
 
 
 @dataclass
 class AttributionPatching:
-    """effects[site]: normalised effects, [layer, pos] ([layer, pos, head] for 'z');
+    """effects[site]: normalised effects, [layer, pos] ([layer, pos, head] for the per-head sites);
     clean_metric / corrupt_metric: dataset means of the metric."""
 
     effects: dict[str, torch.Tensor]
@@ -52,7 +59,7 @@ class AttributionPatching:
         rows = []
         for site, values in self.effects.items():
             for index in torch.cartesian_prod(*(torch.arange(n) for n in values.shape)).tolist():
-                row = {"site": site, "layer": index[0], "pos": index[1], "head": index[2] if site == "z" else -1}
+                row = {"site": site, "layer": index[0], "pos": index[1], "head": index[2] if site in HEAD_SITES else -1}
                 rows.append({**row, "value": float(values[tuple(index)])})
         return rows
 
@@ -105,8 +112,8 @@ def attribution_patching(
         for name in group:
             delta = clean_cache[name] - corrupt_acts[name].detach()
             grad = grads[name] if grads[name] is not None else torch.zeros_like(delta)
-            raw = (delta * grad).sum(0)  # [pos, d] or [pos, head, d_head]
-            per_layer.append(raw.sum(-1))
+            raw = (delta * grad).sum(0)  # [pos, d], [pos, head, d_head] or (pattern) [head, dest, src]
+            per_layer.append(raw.sum(-1).transpose(0, 1) if site == "pattern" else raw.sum(-1))
         raw_site = torch.stack(per_layer)
         effects[site] = normalised(raw_site + corrupt_metric.detach(), clean_metric, corrupt_metric.detach())
     return AttributionPatching(effects, float(clean_metric), float(corrupt_metric.detach()))

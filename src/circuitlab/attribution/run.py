@@ -16,6 +16,7 @@ from circuitlab.attribution.attention_flow import attention_flow, attention_patt
 from circuitlab.attribution.attention_gradient import attention_times_gradient
 from circuitlab.attribution.attribution_patching import (
     DEFAULT_SITES,
+    HEAD_SITES,
     AttributionPatching,
     attribution_patching,
 )
@@ -125,11 +126,11 @@ def _flow(model: Model, batch: TaskBatch, tokens: list[str], prompt: int, method
 def _atp_figures(result: AttributionPatching, tokens: list[str], out: Path) -> list[Path]:
     paths = []
     for site, values in result.effects.items():
-        if site == "z":
+        if site in HEAD_SITES:  # [layer, pos, head] -> each head over all positions (first order: the sum)
+            name = "atp_heads.png" if site == "z" else f"atp_{site}_heads.png"
+            paths.append(plots.heatmap(values.sum(1), out / name, title=f"attribution patching: {site} per head "
+                                       "(all positions)", xlabel="head", ylabel="layer"))
             continue
         paths.append(plots.heatmap(values, out / f"atp_{site}.png", title=f"attribution patching: {site}",
                                    xlabel="position", ylabel="layer", xticklabels=tokens))
-    if "z" in result.effects:
-        paths.append(plots.heatmap(result.head_all_positions(), out / "atp_heads.png",
-                                   title="attribution patching: head outputs (all positions)", xlabel="head", ylabel="layer"))
     return paths
