@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import platform
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -49,7 +50,8 @@ class Result:
     schema: str = SCHEMA
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, default=_json_default)
+        # NaN (e.g. a heatmap cell with no edge) becomes null: strict JSON readers reject NaN.
+        return json.dumps(_nan_to_none(asdict(self)), indent=2, default=_json_default, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str) -> Result:
@@ -78,6 +80,16 @@ def load_results(path: str | Path) -> Result:
     if not path.is_file():
         raise CircuitlabError(f"no results file at {path}")
     return Result.from_json(path.read_text())
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(v) for v in value]
+    return value
 
 
 def _json_default(value: Any) -> Any:

@@ -137,6 +137,8 @@ def test_unknown_task_name(toy):
 
 def test_result_round_trip_and_atomic_save(tmp_path):
     res = Result("eval", {"spec": "toy"}, {"name": "t"}, {"a": 1}, [{"layer": 0, "value": 0.5}], seed=3, timing_s=1.0)
+    nan = Result("eval", {}, None, {}, [{"value": float("nan")}])
+    assert Result.from_json(nan.to_json()).records == [{"value": None}]  # strict JSON: NaN -> null
     path = res.save(tmp_path)
     back = load_results(tmp_path)
     assert back == Result.from_json(path.read_text())
