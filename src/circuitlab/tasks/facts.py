@@ -20,6 +20,7 @@ import torch
 
 from circuitlab.errors import TaskError
 from circuitlab.models.model import Model
+from circuitlab.tasks.options import check_n
 from circuitlab.tasks.registry import register_task
 from circuitlab.tasks.task import Example, Task
 
@@ -151,8 +152,8 @@ def make_facts(
 
     facts: optional (relation with "{}", subject, answer with leading space) triples replacing FACTS.
     """
-    if n is not None and n < 1:
-        raise TaskError(f"n must be >= 1, got {n}")
+    if n is not None:
+        check_n(n)
     pool = FACTS if facts is None else [Fact(*f) for f in facts]
     for f in pool:
         if f.relation.count("{}") != 1:

@@ -30,6 +30,7 @@ from jaxtyping import Float
 from circuitlab.errors import MetricError, TaskError
 from circuitlab.models.model import Model
 from circuitlab.tasks.metrics import register_metric
+from circuitlab.tasks.options import check_n
 from circuitlab.tasks.registry import register_task
 from circuitlab.tasks.task import Example, Task, TaskBatch
 
@@ -93,8 +94,7 @@ def greater_than_prob_diff(logits: torch.Tensor, batch: TaskBatch) -> Float[torc
 @register_task("greater-than", "Year span 'from 1732 to 173_' (Hanna et al. 2023), digit tokens; corrupt: start year XX01")
 def make_greater_than(model: Model, *, n: int = 64, seed: int = 0) -> Task:
     """`n` seeded prompts over nouns, centuries and start years yy in {t u0: t, u0 in 1..8}."""
-    if n < 1:
-        raise TaskError(f"n must be >= 1, got {n}")
+    check_n(n)
     digits = digit_ids(model)
     nouns = [w for w in NOUNS if len(model.encode(" " + w, bos=False)) == 1]
     if not nouns:

@@ -20,6 +20,7 @@ from jaxtyping import Float
 from circuitlab.errors import MetricError, TaskError
 from circuitlab.models.model import Model
 from circuitlab.tasks.metrics import register_metric
+from circuitlab.tasks.options import check_n
 from circuitlab.tasks.registry import register_task
 from circuitlab.tasks.task import Example, Task, TaskBatch
 
@@ -72,8 +73,7 @@ def make_induction(model: Model, *, n: int = 32, seed: int = 0, seq_len: int = 1
     The 2 * seq_len tokens of one example are distinct, so each token of the second copy has exactly
     one earlier occurrence to copy from.
     """
-    if n < 1:
-        raise TaskError(f"n must be >= 1, got {n}")
+    check_n(n)
     if seq_len < 2:
         raise TaskError(f"seq_len must be >= 2 (tokens per copy), got {seq_len}")
     if 1 + 2 * seq_len > model.n_ctx:

@@ -11,6 +11,7 @@ import random
 
 from circuitlab.errors import TaskError
 from circuitlab.models.model import Model
+from circuitlab.tasks.options import check_n, choose_templates
 from circuitlab.tasks.registry import register_task
 from circuitlab.tasks.task import Example, Task
 
@@ -57,12 +58,8 @@ def make_ioi(
     """
     if corruption not in ("abc", "swap"):
         raise TaskError(f"unknown IOI corruption {corruption!r}; use 'abc' or 'swap'")
-    if n < 1:
-        raise TaskError(f"n must be >= 1, got {n}")
-    chosen = list(range(len(TEMPLATES))) if templates is None else list(templates)
-    for t in chosen:
-        if not 0 <= t < len(TEMPLATES):
-            raise TaskError(f"IOI template index {t} out of range 0..{len(TEMPLATES) - 1}")
+    check_n(n)
+    chosen = choose_templates("IOI", templates, len(TEMPLATES))
     names = _single_tokens(model, NAMES)
     places, objects = _single_tokens(model, PLACES), _single_tokens(model, OBJECTS)
     if len(names) < 5 or not places or not objects:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from circuitlab.errors import TaskError
 from circuitlab.models.model import Model
+from circuitlab.tasks.options import check_n, choose_templates
 from circuitlab.tasks.registry import register_task
 from circuitlab.tasks.task import Example, Task
 
@@ -74,14 +75,8 @@ def _single_token_entities(model: Model) -> dict[str, list[str]]:
 @register_task("qa", "Copy a one-token answer from a short document; corrupt: answer entity replaced")
 def make_qa(model: Model, *, n: int = 40, seed: int = 0, templates: list[int] | None = None) -> Task:
     """`n` seeded prompts cycling over the templates; entities within one prompt are distinct."""
-    if n < 1:
-        raise TaskError(f"n must be >= 1, got {n}")
-    chosen = list(range(len(TEMPLATES))) if templates is None else list(templates)
-    for t in chosen:
-        if not 0 <= t < len(TEMPLATES):
-            raise TaskError(f"QA template index {t} out of range 0..{len(TEMPLATES) - 1}")
-    if not chosen:
-        raise TaskError("templates is empty; pass at least one QA template index")
+    check_n(n)
+    chosen = choose_templates("QA", templates, len(TEMPLATES))
     pool = _single_token_entities(model)
     rng = random.Random(seed)
     examples = []

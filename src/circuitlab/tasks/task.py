@@ -18,6 +18,7 @@ from jaxtyping import Float, Int
 from circuitlab.errors import TaskError, TokenizationError
 from circuitlab.models.model import Model
 from circuitlab.tasks.metrics import get_metric
+from circuitlab.tasks.options import check_n
 
 
 @dataclass
@@ -65,8 +66,7 @@ class Task:
         """The first `n` examples (all when n is None)."""
         if n is None:
             return self
-        if n < 1:
-            raise TaskError(f"n must be >= 1, got {n}")
+        check_n(n)
         return replace(self, examples=self.examples[:n])
 
     def with_metric(self, metric: str) -> Task:
