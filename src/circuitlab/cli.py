@@ -50,10 +50,6 @@ def save_result(result, out: Path) -> Path:
     return write_report(result, out)
 
 
-def task_info(task) -> dict:
-    return {"name": task.name, "n": len(task), "metric": task.metric, "params": task.params}
-
-
 def print_records(records: list[dict], title: str, limit: int = 20) -> None:
     if not records:
         return
@@ -140,7 +136,7 @@ def run_eval(model: str, task: str, out: Path, n: int | None, seed: int, metric:
          "corrupt_metric": float(evaluation.corrupt[i]), "top1_correct": bool(evaluation.top1_correct[i])}
         for i, ex in enumerate(t.examples)
     ]
-    result = Result("eval", m.info(), task_info(t), {"n": len(t), "metric": t.metric}, records, seed=seed,
+    result = Result("eval", m.info(), t.info(), {"n": len(t), "metric": t.metric}, records, seed=seed,
                     timing_s=elapsed, load_s=m.load_s, summary=evaluation.summary())
     save_result(result, out)
     return result, m
@@ -212,7 +208,7 @@ def attribute(
         m = load(model)
         t = make_task(task, m, n=n, seed=seed, metric=metric) if task else prompt_task(prompt, answer, wrong, corrupt)
         result = run_attribution(m, t.prepare(m), method, out, steps=steps, rule=rule, baseline=baseline, hook=hook,
-                                 prompt=index, task_info=task_info(t), seed=seed,
+                                 prompt=index, seed=seed,
                                  sites=tuple(x.strip() for x in sites.split(",") if x.strip()))
         save_result(result, out)
     except CircuitlabError as exc:

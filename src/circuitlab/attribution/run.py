@@ -40,7 +40,7 @@ def prompt_task(prompt: str, answer: str, wrong: str | None = None, corrupt: str
 def run_attribution(
     model: Model, prepared: PreparedTask, method: str, out_dir: str | Path, *, steps: int = 64,
     rule: str = "gausslegendre", baseline: str = "auto", hook: str = "hook_embed", sites: tuple[str, ...] = DEFAULT_SITES,
-    prompt: int = 0, task_info: dict[str, Any] | None = None, seed: int | None = None,
+    prompt: int = 0, seed: int | None = None,
 ) -> Result:
     """Run `method` (one of METHODS), write its figures into `out_dir` and return the Result (call
     `.save(out_dir)` on it to write results.json / results.csv). With prompts of several token lengths, the
@@ -85,8 +85,7 @@ def run_attribution(
         summary = {"clean_metric": result.clean_metric, "corrupt_metric": result.corrupt_metric}
         artifacts = _atp_figures(result, tokens[0], out)
     elapsed = time.perf_counter() - start
-    info = task_info or {"name": prepared.task.name, "n": prepared.n_prompts, "metric": prepared.metric_name}
-    return Result(f"attribute/{method}", model.info(), info, params, records, seed=seed, timing_s=elapsed,
+    return Result(f"attribute/{method}", model.info(), prepared.task.info(), params, records, seed=seed, timing_s=elapsed,
                   load_s=model.load_s, summary=summary, artifacts=[Path(a).name for a in artifacts])
 
 

@@ -264,7 +264,7 @@ def run_path_patching(model: Any, task: Any, receivers: str, out_dir: Any, *, se
     summary = {"receivers": receivers, "n_receivers": len(combined.receivers), "clean_metric": combined.clean,
                "corrupt_metric": combined.corrupt, "strongest_sender": strongest.get("sender"),
                "strongest_normalised": strongest.get("normalised"), "n_edges_graph": engine.graph.n_edges}
-    return Result("path-patch", model.info(), {"name": task.name, "n": len(task), "metric": task.metric, "params": task.params},
+    return Result("path-patch", model.info(), task.info(),
                   {"receivers": receivers, "resolved_receivers": combined.receivers, "ablation": "corrupt",
                    "method": "masked-edge (direct edges sender -> receivers)"},
                   combined.records(), seed=seed, timing_s=elapsed, load_s=getattr(model, "load_s", 0.0),

@@ -129,6 +129,9 @@ class Model:
             ids = ids.tolist()
         return self._require_tokenizer().decode(ids)
 
+    def is_single_token(self, text: str) -> bool:
+        return len(self.encode(text, bos=False)) == 1
+
     def single_token_id(self, text: str) -> int:
         """The id of `text` when it is exactly one token; a clear error naming the split otherwise."""
         ids = self.encode(text, bos=False)

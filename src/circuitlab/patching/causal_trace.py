@@ -576,7 +576,6 @@ def run_average_trace(
         records += avg.records()
         summary.update(avg.summary())
         artifacts.append(str(save_figure_atomically(plot_average(avg), Path(out_dir) / f"aie_{kind}.png", dpi=130)))
-    task_info = {"name": task.name, "n": len(task), "params": getattr(task, "params", {})}
     params = {"kinds": kinds, "window": window, "noise": noise, "samples": samples}
-    return Result("trace", model.info(), task_info, params, records, seed=seed, timing_s=time.perf_counter() - start,
+    return Result("trace", model.info(), task.info(), params, records, seed=seed, timing_s=time.perf_counter() - start,
                   load_s=model.load_s, summary=summary, artifacts=artifacts)

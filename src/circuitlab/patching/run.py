@@ -46,8 +46,7 @@ def run_patching(
     elapsed = time.perf_counter() - start
     params = {"site": site, "by": ",".join(axes), "direction": sweep.direction, "n": len(task),
               "metric": task.metric, "max_batch": max_batch, "layers": layers, **options}
-    task_info = {"name": task.name, "n": len(task), "metric": task.metric, "params": task.params}
-    result = Result("patch", model.info(), task_info, params, sweep.records(per_prompt=per_prompt), seed=seed,
+    result = Result("patch", model.info(), task.info(), params, sweep.records(per_prompt=per_prompt), seed=seed,
                     timing_s=elapsed, load_s=model.load_s, summary=sweep.summary())
     if out is not None:
         out = Path(out)

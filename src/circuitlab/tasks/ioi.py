@@ -39,11 +39,7 @@ OBJECTS = ["drink", "book", "ring", "ball", "gift", "letter", "bag", "cake", "co
 
 
 def _single_tokens(model: Model, words: list[str]) -> list[str]:
-    keep = []
-    for w in words:
-        if len(model.encode(" " + w, bos=False)) == 1:
-            keep.append(w)
-    return keep
+    return [w for w in words if model.is_single_token(" " + w)]
 
 
 @register_task("ioi", "Indirect object identification (Wang et al. 2022), ABBA+BABA, ABC or name-swap corruption")

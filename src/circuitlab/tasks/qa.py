@@ -69,7 +69,7 @@ def _answer_forms(model: Model, entity: str) -> list[str]:
 
 def _single_token_entities(model: Model) -> dict[str, list[str]]:
     """Entities that are one token with a leading space (answers follow "Answer:" with a space)."""
-    return {k: [e for e in v if len(model.encode(" " + e, bos=False)) == 1] for k, v in ENTITIES.items()}
+    return {k: [e for e in v if model.is_single_token(" " + e)] for k, v in ENTITIES.items()}
 
 
 @register_task("qa", "Copy a one-token answer from a short document; corrupt: answer entity replaced")

@@ -72,6 +72,10 @@ class Task:
     def with_metric(self, metric: str) -> Task:
         return replace(self, metric=metric)
 
+    def info(self) -> dict[str, Any]:
+        """The plain-data description recorded as `task` in every results.json."""
+        return {"name": self.name, "n": len(self), "metric": self.metric, "params": self.params}
+
     def to_records(self) -> list[dict]:
         return [asdict(e) for e in self.examples]
 
