@@ -1,8 +1,12 @@
-"""Exceptions that circuitlab raises for bad input: each message says what is wrong and how to fix it."""
+"""Every error circuitlab raises for bad input or configuration, in one place.
+
+Each is a `CircuitlabError`; each message says what is wrong and how to fix it. The command line turns
+them into one line on stderr and exit code 2, never a traceback.
+"""
 
 
 class CircuitlabError(ValueError):
-    """Base class: bad input or configuration detected before any heavy computation."""
+    """Base class: bad input or configuration, detected before any heavy computation where possible."""
 
 
 class TokenizationError(CircuitlabError):
@@ -10,7 +14,7 @@ class TokenizationError(CircuitlabError):
 
 
 class ModelLoadError(CircuitlabError):
-    """A model spec cannot be resolved or loaded."""
+    """A model spec cannot be resolved or loaded (unknown name, missing or corrupt file, no network)."""
 
 
 class TaskError(CircuitlabError):
@@ -23,3 +27,31 @@ class MetricError(CircuitlabError):
 
 class GraphError(CircuitlabError):
     """An edge graph, circuit file, node/edge name or edge-coefficient tensor does not fit the model."""
+
+
+class PatchingError(CircuitlabError):
+    """An activation-patching request that cannot run: unknown site, bad granularity, head out of range."""
+
+
+class CausalTraceError(CircuitlabError):
+    """A causal-tracing request that cannot run: subject not in the prompt, bad window or noise level."""
+
+
+class LensError(CircuitlabError):
+    """A logit-lens request that cannot run (bad top-k, empty prompt)."""
+
+
+class AttributionError(CircuitlabError):
+    """An attribution request that cannot run: unknown method, rule or baseline, missing corrupt prompt."""
+
+
+class AnalysisError(CircuitlabError):
+    """An unknown analysis name, or options that the analysis does not take."""
+
+
+class OutputError(CircuitlabError):
+    """An output directory that cannot be written: a file, not writable, holds another run, or in use."""
+
+
+class CacheError(CircuitlabError):
+    """A model-cache entry that is missing, truncated or does not match its recorded size and hash."""

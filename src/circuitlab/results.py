@@ -1,6 +1,18 @@
-"""`Result`: what every command writes to `--out DIR` (results.json + results.csv), and `load_results`.
+"""The result protocol every analysis meets, and `Result`, the record every run writes.
 
-records are tidy flat dicts (for sweeps: site, layer, pos, head, value), so they load straight into pandas.
+An analysis returns an object meeting `AnalysisResult` (three methods, nothing else is required):
+
+- ``records()``: tidy flat rows (for sweeps: site, layer, pos, head, value) that load straight into pandas
+  and become ``results.csv``;
+- ``summary()``: a small dict of headline numbers (plain JSON values), shown on the terminal and at the top
+  of the report;
+- ``figures()``: ``{file name: matplotlib Figure}``; the runner saves exactly these, and the report embeds
+  exactly these, so a report never shows another run's plots.
+
+An analysis may also offer ``files() -> {file name: text}`` for extra outputs (e.g. ``patching.json``).
+
+The runner (`circuitlab.runner.run`) wraps that object in a `Result` with the model, task, parameters,
+seed, versions and timings, and writes the run directory once.
 """
 
 from __future__ import annotations
@@ -11,14 +23,29 @@ import math
 import platform
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import pandas as pd
 
 from circuitlab.atomic import write_atomically, write_text_atomically
 from circuitlab.errors import CircuitlabError
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 SCHEMA = "circuitlab.result/1"
+
+
+@runtime_checkable
+class AnalysisResult(Protocol):
+    """What every analysis returns (see the module docstring)."""
+
+    def records(self) -> list[dict[str, Any]]: ...
+
+    def summary(self) -> dict[str, Any]: ...
+
+    def figures(self) -> dict[str, Figure]: ...
+
 _VERSIONED = ("circuitlab", "torch", "transformer-lens", "transformers", "numpy", "pandas")
 
 

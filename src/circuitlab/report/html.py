@@ -49,8 +49,8 @@ def _records_table(records: list[dict]) -> str:
 
 
 def _images(out_dir: Path, result: Result) -> str:
+    # Only this run's own figures: a directory may hold files of other runs, never shown here.
     names = [a for a in result.artifacts if a.lower().endswith(".png")]
-    names += sorted(p.name for p in out_dir.glob("*.png") if p.name not in names)
     parts = []
     for name in names:
         path = out_dir / name

@@ -83,6 +83,15 @@ class Task:
         return PreparedTask.build(self, model)
 
 
+def prompt_task(prompt: str, answer: str, wrong: str | None = None, corrupt: str | None = None) -> Task:
+    """A one-prompt task (e.g. from the command line): logit difference when a wrong answer is given, else
+    log P(answer). Without `corrupt` the clean prompt stands in, and `params['has_corrupt']` is False so
+    methods that need a corruption can say so."""
+    example = Example(clean=prompt, corrupt=corrupt or prompt, answer=[answer], wrong=[wrong] if wrong else [])
+    return Task("prompt", [example], metric="logit_diff" if wrong else "logprob",
+                params={"has_corrupt": corrupt is not None})
+
+
 @dataclass
 class TaskBatch:
     """Prompts of one token length, ready to run.

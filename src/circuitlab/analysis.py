@@ -1,0 +1,75 @@
+"""`Analysis`: one registry entry per analysis, all with one signature (data, not branches).
+
+Modelled on auto-circuit's registry of prune algorithms: every analysis is a plain record naming its
+options (a dataclass whose ``__post_init__`` validates them without a model) and one function::
+
+    compute(model: Model, task: Task | None, params: P) -> AnalysisResult
+
+The runner (`circuitlab.runner.run`) looks the entry up by name, builds and validates `params` from
+keyword options *before* the model loads, loads the model, builds the task, calls `compute`, and writes
+the run directory. Algorithm modules hold algorithms only; each package's ``analysis.py`` adapts them
+to this signature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+
+from circuitlab.errors import AnalysisError
+
+if TYPE_CHECKING:  # annotations only: analysis packages import this module, it imports none of them
+    from circuitlab.models.model import Model
+    from circuitlab.results import AnalysisResult
+    from circuitlab.tasks.source import TaskSource
+    from circuitlab.tasks.task import Task
+
+P = TypeVar("P")
+TaskUse = Literal["required", "optional", "none"]
+
+
+@dataclass(frozen=True)
+class NoParams:
+    """For analyses that take no options of their own."""
+
+
+@dataclass(frozen=True)
+class Analysis(Generic[P]):
+    """A registered analysis.
+
+    name: what `run` and results.json call it (``"patch"``, ``"attribute/ig"``, ...).
+    description: one line for listings and reports.
+    params: the options dataclass; building it validates every option (no model needed).
+    compute: the analysis itself, ``compute(model, task, params) -> AnalysisResult``.
+    task: whether a task is required, optional (e.g. a single ``--prompt`` instead) or never used.
+    task_source: optional hook that adjusts the task description to the options before validation
+        (e.g. position-wise patching of IOI keeps one template so positions align).
+    """
+
+    name: str
+    description: str
+    params: type[P]
+    compute: Callable[[Model, Task | None, P], AnalysisResult]
+    task: TaskUse = "required"
+    task_source: Callable[[TaskSource, P], TaskSource] | None = None
+
+    def make_params(self, options: dict[str, Any]) -> P:
+        """The options dataclass from keyword options; unknown names are an `AnalysisError`."""
+        if not is_dataclass(self.params):
+            raise TypeError(f"{self.name}: params must be a dataclass")
+        known = {f.name for f in fields(self.params)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise AnalysisError(f"analysis {self.name!r} takes no option(s) {', '.join(unknown)}; its options are "
+                                f"{', '.join(sorted(known)) or 'none'}")
+        missing = [f.name for f in fields(self.params)
+                   if f.default is MISSING and f.default_factory is MISSING and f.name not in options]
+        if missing:
+            raise AnalysisError(f"analysis {self.name!r} needs option(s) {', '.join(missing)}")
+        return self.params(**options)
+
+    @staticmethod
+    def params_record(params: object) -> dict[str, Any]:
+        """The options as plain data, recorded as `params` in results.json."""
+        return asdict(params) if is_dataclass(params) and not isinstance(params, type) else {}

@@ -1,0 +1,32 @@
+"""The table of every analysis circuitlab can run: name -> where its `Analysis` entry lives.
+
+Entries are imported on first use, so listing names or parsing a command line does not import torch.
+To add an analysis: write its ``Analysis`` object in its package's ``analysis.py`` and add one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from circuitlab.analysis import Analysis
+from circuitlab.errors import AnalysisError
+
+_TABLE: dict[str, str] = {
+    "eval": "circuitlab.tasks.evaluate:EVAL",
+}
+
+
+def analysis_names() -> list[str]:
+    return list(_TABLE)
+
+
+def get_analysis(name: str) -> Analysis[Any]:
+    """The registered analysis called `name`; an `AnalysisError` listing the names otherwise."""
+    if name not in _TABLE:
+        raise AnalysisError(f"unknown analysis {name!r}; choose one of {', '.join(_TABLE)}")
+    module, attr = _TABLE[name].split(":")
+    entry = getattr(importlib.import_module(module), attr)
+    if not isinstance(entry, Analysis):
+        raise TypeError(f"{_TABLE[name]} is not an Analysis")
+    return entry
