@@ -73,8 +73,8 @@ class RunDirectory:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self._lock()
         try:
+            self._clean_leftovers()  # may put back an old run that a killed swap left hidden
             check_out(self.out, self.force)  # again under the lock: another run may have finished meanwhile
-            self._clean_leftovers()
             self.staging = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.staging-", dir=self.out.parent))
             os.chmod(self.staging, 0o777 & ~current_umask())
         except BaseException:
