@@ -35,7 +35,10 @@ def current_umask() -> int:
 
 
 def write_text_atomically(path: str | Path, text: str) -> Path:
-    return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    def write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+
+    return write_atomically(path, write)
 
 
 def save_figure_atomically(fig: object, path: str | Path, **kwargs: object) -> Path:

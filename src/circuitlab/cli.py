@@ -3,7 +3,6 @@ writes results.json, results.csv, plots and report.html into `--out`."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,9 +15,14 @@ from circuitlab import __version__
 from circuitlab.errors import CircuitlabError
 from circuitlab.models.specs import DEFAULT_SPEC
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)
-tasks_app = typer.Typer(no_args_is_help=False, invoke_without_command=True, help="List built-in tasks, or show one.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None,
+                  epilog="Example: circuitlab demo --out out/demo")
+tasks_app = typer.Typer(no_args_is_help=False, invoke_without_command=True, help="List built-in tasks, or show one.",
+                        epilog="Example: circuitlab tasks show ioi --n 4")
 app.add_typer(tasks_app, name="tasks")
+cache_app = typer.Typer(no_args_is_help=True, help="List or clean the model cache (fp32 checkpoints converted from GGUF).",
+                        epilog="Example: circuitlab cache list")
+app.add_typer(cache_app, name="cache")
 console = Console()
 errors = Console(stderr=True)
 
@@ -128,6 +132,38 @@ def tasks_show(name: str, model: ModelOpt = DEFAULT_SPEC, n: NOpt = 8, seed: See
     console.print(summary_table(done.result.summary, f"{name}: clean vs corrupt"))
 
 
+@cache_app.command("list", epilog="Example: circuitlab cache list")
+def cache_list(quick: Annotated[bool, typer.Option("--quick", help="Check sizes only, not sha256 hashes")] = False) -> None:
+    """List the cache entries, their sizes and whether they match their recorded sizes and hashes."""
+    from circuitlab.models import cache
+    from circuitlab.progress import status
+    from circuitlab.report.terminal import summary_table
+
+    with user_errors(), status("verifying the cache entries"):
+        entries, leftovers = cache.list_entries(hashes=not quick), cache.leftovers()
+    console.print(f"cache: {cache.cache_root()} ({len(entries)} {'entry' if len(entries) == 1 else 'entries'})")
+    for e in entries:
+        console.print(summary_table({"size": f"{e.size / 2**20:.0f} MiB", "status": e.status, "spec": e.spec,
+                                     "source": e.source}, e.key))
+    for item in leftovers:
+        state = "in use by a running conversion" if item.in_use else "removed by `circuitlab cache clean`"
+        console.print(f"temp leftover {item.path.name} ({item.size / 2**20:.0f} MiB): {state}")
+
+
+@cache_app.command("clean", epilog="Examples: circuitlab cache clean\n\ncircuitlab cache clean --all")
+def cache_clean(everything: Annotated[bool, typer.Option("--all", help="Also remove every entry (each is rebuilt on its next load)")] = False) -> None:
+    """Remove temp directories left by interrupted conversions; with --all, every cache entry too."""
+    from circuitlab.models import cache
+
+    with user_errors():
+        report = cache.clean(everything=everything)
+    for path in report.removed:
+        console.print(f"removed {path}")
+    for path in report.kept_in_use:
+        console.print(f"kept {path} (a conversion in progress)")
+    console.print(f"freed {report.freed / 2**20:.0f} MiB")
+
+
 @app.command("eval", epilog="Example: circuitlab eval --task ioi --n 32 --out out/eval")
 def eval_cmd(task: TaskOpt = "ioi", model: ModelOpt = DEFAULT_SPEC, out: Path = OutOpt("out/eval"),
              n: NOpt = None, seed: SeedOpt = 0, metric: MetricOpt = None, force: ForceOpt = False) -> None:
@@ -215,7 +251,7 @@ def trace(
     with user_errors():
         if (task is None) == (prompt is None) or (prompt is not None and (subject is None or target is None)):
             raise CircuitlabError("pass either --prompt with --subject and --target, or --task (e.g. facts)")
-    common = {"kind": kind, "samples": samples, "noise": noise, "window": window}
+    common: dict[str, Any] = {"kind": kind, "samples": samples, "noise": noise, "window": window}
     if task is not None:
         execute("trace/average", out=out, model=model, task=task, n=n, seed=seed, force=force, **common)
     else:
@@ -268,4 +304,4 @@ def main() -> None:  # pragma: no cover - console entry point
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

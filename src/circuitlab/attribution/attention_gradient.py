@@ -1,9 +1,10 @@
-"""Attention x gradient: each head's attention pattern times the gradient of the metric with respect to
-that pattern (`blocks.{l}.attn.hook_pattern`), a first-order estimate of what each attention edge does.
+"""Attention x gradient (docs/METHODS.md, "Attention x gradient"): each head's attention pattern times the
+gradient of the metric with respect to that pattern (the ``pattern`` site), a first-order estimate of what
+each attention edge does.
 
 The gradient is taken of the real forward: patterns are intermediate tensors of one run, so the gradient
 of layer l's pattern includes every later path (values, queries and keys of later layers). Gradients
-start from the embeddings (made differentiable at `hook_embed`), never from the integer tokens.
+start from the embeddings (made differentiable at the ``embed`` site), never from the integer tokens.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from jaxtyping import Float
 
 from circuitlab.attribution.forward import MetricFn, metric_with_hooks
+from circuitlab.models.hooks import hook_name, layer_hook_names
 from circuitlab.models.model import Model
 from circuitlab.tasks.task import TaskBatch
 
@@ -29,6 +31,11 @@ class AttentionGradient:
     @property
     def head_scores(self) -> Float[torch.Tensor, "layer head"]:
         return self.scores.sum((-1, -2)).mean(0)
+
+    @property
+    def prompt_head_scores(self) -> Float[torch.Tensor, "batch layer head"]:
+        """Each prompt's score per head (sum over q, k)."""
+        return self.scores.sum((-1, -2))
 
     def records(self) -> list[dict]:
         heads = self.head_scores
@@ -53,8 +60,8 @@ def attention_times_gradient(model: Model, batch: TaskBatch, metric: MetricFn) -
 
         return hook
 
-    hooks = [("hook_embed", differentiable)]
-    hooks += [(f"blocks.{layer}.attn.hook_pattern", keep(layer)) for layer in range(model.n_layers)]
+    hooks = [(hook_name("embed"), differentiable)]
+    hooks += [(name, keep(layer)) for layer, name in enumerate(layer_hook_names("pattern", model.n_layers))]
     with torch.enable_grad():
         value = metric_with_hooks(model, batch, metric, hooks).sum()
         ordered = [patterns[layer] for layer in range(model.n_layers)]

@@ -1,10 +1,11 @@
-"""Attribution patching (Nanda 2023): the first-order Taylor approximation of activation patching.
+"""Attribution patching (Nanda 2023; docs/METHODS.md, "Attribution patching"): the first-order Taylor
+approximation of activation patching.
 
-Denoising, as in `circuitlab.patching` and METHODS.md: the effect of putting the clean activation a(x) of
-site s into the corrupt run is approximated by (a_s(x) - a_s(x')) . dm/da_s evaluated on the corrupt run,
-with m the metric averaged over the prompts, and normalised like activation patching:
-effect / (m(x) - m(x')), so 0 = corrupt behaviour and 1 = clean behaviour. Cost: one clean forward, one
-corrupt forward and one backward for every site, layer, position and head at once.
+Denoising, as in `circuitlab.patching`: the effect of putting the clean activation a(x) of site s into the
+corrupt run is approximated by (a_s(x) - a_s(x')) . dm/da_s evaluated on the corrupt run, with m the metric
+averaged over the prompts, and normalised like activation patching: effect / (m(x) - m(x')), so
+0 = corrupt behaviour and 1 = clean behaviour. Cost: one clean forward, one corrupt forward and one
+backward for every site, layer, position and head at once.
 """
 
 from __future__ import annotations
@@ -16,27 +17,16 @@ import torch
 from jaxtyping import Float
 
 from circuitlab.attribution.forward import MetricFn, metric_with_hooks
-from circuitlab.errors import CircuitlabError
+from circuitlab.errors import AttributionError
+from circuitlab.models.hooks import PATCHABLE_SITES, SITES, hook_name, layer_hook_names
 from circuitlab.models.model import Model
 from circuitlab.tasks.metrics import normalised
 from circuitlab.tasks.task import TaskBatch
 
-# site -> hook name template; per-head sites are [batch, pos, head, d_head], the rest [batch, pos, d_model].
-SITES = {
-    "resid_pre": "blocks.{layer}.hook_resid_pre",
-    "resid_mid": "blocks.{layer}.hook_resid_mid",
-    "resid_post": "blocks.{layer}.hook_resid_post",
-    "attn_out": "blocks.{layer}.hook_attn_out",
-    "mlp_out": "blocks.{layer}.hook_mlp_out",
-    "z": "blocks.{layer}.attn.hook_z",
-    "q": "blocks.{layer}.attn.hook_q",
-    "k": "blocks.{layer}.attn.hook_k",
-    "v": "blocks.{layer}.attn.hook_v",
-    "pattern": "blocks.{layer}.attn.hook_pattern",
-}
-# Per-head sites. q/z: query heads; k/v: key/value heads under GQA (as in circuitlab.patching);
-# pattern: [batch, head, dest, src], reported per destination position (summed over sources).
-HEAD_SITES = ("z", "q", "k", "v", "pattern")
+# Per-head sites come from the one site table: q/z are indexed by query head, k/v by key/value head under
+# GQA (as in circuitlab.patching); pattern is [batch, head, dest, src], reported per destination position
+# (summed over sources). The rest are [batch, pos, d_model].
+HEAD_SITES = tuple(name for name in PATCHABLE_SITES if SITES[name].has_heads)
 DEFAULT_SITES = ("resid_pre", "attn_out", "mlp_out", "z")
 
 
@@ -52,7 +42,7 @@ class AttributionPatching:
     def head_all_positions(self) -> Float[torch.Tensor, "layer head"]:
         """Each head patched at every position at once (first order: the sum over positions)."""
         if "z" not in self.effects:
-            raise CircuitlabError("head effects need the 'z' site; include it in sites")
+            raise AttributionError("head effects need the 'z' site; include it in sites")
         return self.effects["z"].sum(1)
 
     def records(self) -> list[dict]:
@@ -64,15 +54,27 @@ class AttributionPatching:
         return rows
 
 
+def check_sites(sites: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """`sites` as a tuple; an `AttributionError` naming the choices for an unknown or repeated site, or none."""
+    sites = tuple(sites)
+    if not sites:
+        raise AttributionError(f"attribution patching needs at least one site; choose from {', '.join(PATCHABLE_SITES)}")
+    for site in sites:
+        if site not in PATCHABLE_SITES:
+            raise AttributionError(f"unknown attribution-patching site {site!r}; choose from {', '.join(PATCHABLE_SITES)}")
+    repeated = sorted({site for site in sites if sites.count(site) > 1})
+    if repeated:
+        raise AttributionError(f"attribution-patching site(s) {', '.join(repeated)} given more than once; name each once")
+    return sites
+
+
 def site_hooks(model: Model, sites: tuple[str, ...] | list[str]) -> dict[str, list[str]]:
     """Hook names per site, with a clear error for unknown sites or sites the model lacks."""
     out = {}
-    for site in sites:
-        if site not in SITES:
-            raise CircuitlabError(f"unknown attribution-patching site {site!r}; choose from {', '.join(SITES)}")
-        if model.attn_only and site in ("resid_mid", "mlp_out"):
-            raise CircuitlabError(f"site {site!r} does not exist in an attention-only model")
-        out[site] = [SITES[site].format(layer=layer) for layer in range(model.n_layers)]
+    for site in check_sites(sites):
+        if model.attn_only and SITES[site].needs_mlp:
+            raise AttributionError(f"site {site!r} does not exist in an attention-only model; choose another site")
+        out[site] = layer_hook_names(site, model.n_layers)
     return out
 
 
@@ -85,7 +87,8 @@ def attribution_patching(
     model.check_tokens(batch.clean)
     model.check_tokens(batch.corrupt)
     if batch.clean.shape != batch.corrupt.shape:
-        raise CircuitlabError("attribution patching needs clean and corrupt prompts of the same token length")
+        raise AttributionError("attribution patching needs clean and corrupt prompts of the same token length; "
+                               "pick corruptions that tokenize to the clean prompt's length")
     with torch.no_grad():
         clean_logits, clean_cache = model.bridge.run_with_cache(batch.clean, names_filter=lambda n: n in names)
         clean_metric = metric(clean_logits, batch).mean()
@@ -102,7 +105,7 @@ def attribution_patching(
         return hook
 
     with torch.enable_grad():
-        run_hooks = [("hook_embed", differentiable)] + [(name, keep(name)) for name in names]
+        run_hooks = [(hook_name("embed"), differentiable)] + [(name, keep(name)) for name in names]
         corrupt_metric = metric_with_hooks(model, replace(batch, clean=batch.corrupt), metric, run_hooks).mean()
         ordered = sorted(names)
         grads = dict(zip(ordered, torch.autograd.grad(corrupt_metric, [corrupt_acts[n] for n in ordered], allow_unused=True), strict=True))

@@ -1,6 +1,6 @@
 """Direct logit attribution (DLA): the final residual stream split into the outputs of every component,
 each pushed through the final norm with its scale frozen at the value of the actual run, and projected on
-the answer direction (METHODS.md "Direct logit attribution").
+the answer direction (docs/METHODS.md, "Direct logit attribution").
 
 resid_final = embed (+ pos_embed) + sum_l [sum_h z_h W_O[h] + b_O] + sum_l mlp_out, so with the frozen
 scale sigma the logit difference is exactly sum_c (norm_centre(c) / sigma) . (w_norm * dir) plus the
@@ -9,12 +9,13 @@ norm-bias and unembedding-bias terms, where dir = mean W_U[:, answers] - mean W_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float, Int
 
-from circuitlab.errors import CircuitlabError, MetricError
+from circuitlab.errors import AttributionError, MetricError
+from circuitlab.models.hooks import hook_name
 from circuitlab.models.model import Model
 from circuitlab.tasks.task import TaskBatch
 
@@ -23,25 +24,30 @@ RECONSTRUCTION_RTOL = 1e-3
 
 
 @dataclass
-class DirectLogitAttribution:
-    """DLA of one batch. Component labels: 'embed', 'pos_embed', 'L{l}H{h}', 'L{l}.attn_bias', 'L{l}.mlp',
-    'ln_final.bias', 'unembed.bias'.
+class ComponentAttribution:
+    """DLA values of every component at each prompt's answer position. Component labels: 'embed',
+    'pos_embed', 'L{l}H{h}', 'L{l}.attn_bias', 'L{l}.mlp', 'ln_final.bias', 'unembed.bias'.
 
-    values: [batch, component] contribution at the answer position (sums to the logit difference).
-    by_position: [batch, component, pos] the same projection at every position (each with its own frozen
-      final-norm scale; the direction is the answer direction of the prompt).
-    head_by_source: [batch, layer, head, src] each head's value at the answer position split over the key
-      positions it attends to (pattern[q, k] * v_k W_O[h]); sums over src to the head's value.
-    target: [batch] the model's own logit difference (or answer logit) at the answer position.
+    values: [prompt, component] contribution at the answer position (sums to the logit difference).
+    target: [prompt] the model's own logit difference (or answer logit) at the answer position.
+
+    Nothing here depends on positions, so prompts of different token lengths combine (`concat`).
     """
 
     labels: list[str]
     values: Float[torch.Tensor, "batch component"]
-    by_position: Float[torch.Tensor, "batch component pos"]
-    head_by_source: Float[torch.Tensor, "batch layer head src"]
     target: Float[torch.Tensor, " batch"]
     n_layers: int
     n_heads: int
+
+    @staticmethod
+    def concat(parts: list[ComponentAttribution]) -> ComponentAttribution:
+        """The prompts of every part, in order (e.g. one part per token length)."""
+        first = parts[0]
+        if any(p.labels != first.labels for p in parts):
+            raise AttributionError("DLA parts of different models cannot be combined (their components differ)")
+        return ComponentAttribution(first.labels, torch.cat([p.values for p in parts]),
+                                    torch.cat([p.target for p in parts]), first.n_layers, first.n_heads)
 
     @property
     def total(self) -> Float[torch.Tensor, " batch"]:
@@ -63,13 +69,6 @@ class DirectLogitAttribution:
         mlp = torch.stack([self._column(f"L{layer}.mlp") for layer in range(self.n_layers)], -1)
         return {"attn": heads + bias, "mlp": mlp}
 
-    def layer_by_position(self) -> Float[torch.Tensor, "layer pos"]:
-        """Each layer's total (heads, attention bias, MLP) projected at every position, mean over prompts."""
-        layers = [_parse_label(label)[0] for label in self.labels]
-        mean = self.by_position.mean(0)  # [component, pos]
-        return torch.stack([mean[[i for i, lay in enumerate(layers) if lay == layer]].sum(0)
-                            for layer in range(self.n_layers)])
-
     def _column(self, label: str) -> torch.Tensor:
         if label not in self.labels:
             return torch.zeros(self.values.shape[0])
@@ -84,6 +83,27 @@ class DirectLogitAttribution:
             rows.append({"component": label, "kind": kind, "layer": layer, "head": head,
                          "value": float(mean[i]), "std": float(std[i])})
         return rows
+
+
+@dataclass
+class DirectLogitAttribution(ComponentAttribution):
+    """DLA of one batch (prompts of one token length): the component values plus two position tables.
+
+    by_position: [batch, component, pos] the same projection at every position (each with its own frozen
+      final-norm scale; the direction is the answer direction of the prompt).
+    head_by_source: [batch, layer, head, src] each head's value at the answer position split over the key
+      positions it attends to (pattern[q, k] * v_k W_O[h]); sums over src to the head's value.
+    """
+
+    by_position: Float[torch.Tensor, "batch component pos"] = field(kw_only=True)
+    head_by_source: Float[torch.Tensor, "batch layer head src"] = field(kw_only=True)
+
+    def layer_by_position(self) -> Float[torch.Tensor, "layer pos"]:
+        """Each layer's total (heads, attention bias, MLP) projected at every position, mean over prompts."""
+        layers = [_parse_label(label)[0] for label in self.labels]
+        mean = self.by_position.mean(0)  # [component, pos]
+        return torch.stack([mean[[i for i, lay in enumerate(layers) if lay == layer]].sum(0)
+                            for layer in range(self.n_layers)])
 
 
 def _parse_label(label: str) -> tuple[int, int, str]:
@@ -135,7 +155,8 @@ def final_norm(model: Model) -> tuple[str, torch.Tensor | None, torch.Tensor | N
     if kind is None:
         return "none", None, None
     if kind not in ("RMS", "RMSPre", "LN", "LNPre"):
-        raise CircuitlabError(f"direct logit attribution does not support final norm type {kind!r}")
+        raise AttributionError(f"direct logit attribution does not support final norm type {kind!r}; use a model "
+                               "with RMSNorm, LayerNorm or no final norm")
     module = model.bridge.ln_final
     module = getattr(module, "original_component", module)
     weight = getattr(module, "weight", None)
@@ -150,16 +171,20 @@ def final_norm(model: Model) -> tuple[str, torch.Tensor | None, torch.Tensor | N
 
 
 def _hook_names(model: Model) -> list[str]:
-    names = ["hook_embed", f"blocks.{model.n_layers - 1}.hook_resid_post"]
+    names = [hook_name("embed"), _final_resid(model)]
     if model.cfg.positional_embedding_type == "standard":
-        names.append("hook_pos_embed")
+        names.append(hook_name("pos_embed"))
     if final_norm(model)[0] != "none":
-        names.append("ln_final.hook_scale")
+        names.append(hook_name("final_norm_scale"))
     for layer in range(model.n_layers):
-        names += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.attn.hook_v"]
+        names += [hook_name(site, layer) for site in ("z", "pattern", "v")]
         if not model.attn_only:
-            names.append(f"blocks.{layer}.hook_mlp_out")
+            names.append(hook_name("mlp_out", layer))
     return names
+
+
+def _final_resid(model: Model) -> str:
+    return hook_name("resid_post", model.n_layers - 1)
 
 
 @torch.no_grad()
@@ -176,14 +201,14 @@ def direct_logit_attribution(model: Model, batch: TaskBatch) -> DirectLogitAttri
     direction, unembed_bias = answer_direction(model, batch.answers, batch.wrong)
     kind, weight, norm_bias = final_norm(model)
     # Frozen final norm: every component is divided by the run's own scale at its position.
-    scale = cache["ln_final.hook_scale"][..., 0] if kind != "none" else torch.ones(n_batch, n_pos)
+    scale = cache[hook_name("final_norm_scale")][..., 0] if kind != "none" else torch.ones(n_batch, n_pos)
     read = direction if weight is None else direction * weight  # [batch, d_model]
     if kind == "LN":
         read = read - read.mean(-1, keepdim=True)  # LayerNorm's centring: (c - mean c) . r = c . (r - mean r)
 
     labels: list[str] = []
     parts: list[torch.Tensor] = []  # each [batch, pos]
-    residual = torch.zeros_like(cache[f"blocks.{model.n_layers - 1}.hook_resid_post"])
+    residual = torch.zeros_like(cache[_final_resid(model)])
 
     def add(label: str, vector: Float[torch.Tensor, "batch pos d_model"]) -> None:
         nonlocal residual
@@ -191,13 +216,13 @@ def direct_logit_attribution(model: Model, batch: TaskBatch) -> DirectLogitAttri
         labels.append(label)
         parts.append(torch.einsum("bpd,bd->bp", vector, read) / scale)
 
-    add("embed", cache["hook_embed"])
-    if "hook_pos_embed" in cache:
-        add("pos_embed", cache["hook_pos_embed"].expand_as(residual))
+    add("embed", cache[hook_name("embed")])
+    if hook_name("pos_embed") in cache:
+        add("pos_embed", cache[hook_name("pos_embed")].expand_as(residual))
     head_by_source = torch.zeros(n_batch, model.n_layers, model.n_heads, n_pos)
     for layer in range(model.n_layers):
         W_O, b_O = head_output_weights(model, layer)
-        z = cache[f"blocks.{layer}.attn.hook_z"]  # [batch, pos, head, d_head]
+        z = cache[hook_name("z", layer)]  # [batch, pos, head, d_head]
         head_vectors = torch.einsum("bphd,hdm->bphm", z, W_O)
         for h in range(model.n_heads):
             add(f"L{layer}H{h}", head_vectors[:, :, h])
@@ -205,8 +230,8 @@ def direct_logit_attribution(model: Model, batch: TaskBatch) -> DirectLogitAttri
             add(f"L{layer}.attn_bias", b_O.expand_as(residual))
         head_by_source[:, layer] = _split_by_source(model, cache, layer, W_O, read, scale, batch.answer_pos)
         if not model.attn_only:
-            add(f"L{layer}.mlp", cache[f"blocks.{layer}.hook_mlp_out"])
-    _check_reconstruction(model, residual, cache[f"blocks.{model.n_layers - 1}.hook_resid_post"])
+            add(f"L{layer}.mlp", cache[hook_name("mlp_out", layer)])
+    _check_reconstruction(model, residual, cache[_final_resid(model)])
 
     by_position = torch.stack(parts, 1)  # [batch, component, pos]
     values = by_position[rows, :, batch.answer_pos]
@@ -220,7 +245,8 @@ def direct_logit_attribution(model: Model, batch: TaskBatch) -> DirectLogitAttri
         by_position = torch.cat([by_position, unembed_bias[:, None, None].expand(-1, 1, n_pos)], 1)
     final = logits[rows, batch.answer_pos]
     target = (final * _dense(batch.answers, final.shape[-1])).sum(-1) - (final * _dense(batch.wrong, final.shape[-1])).sum(-1)
-    return DirectLogitAttribution(labels, values, by_position, head_by_source, target, model.n_layers, model.n_heads)
+    return DirectLogitAttribution(labels, values, target, model.n_layers, model.n_heads, by_position=by_position,
+                                  head_by_source=head_by_source)
 
 
 def _dense(ids: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -237,8 +263,8 @@ def _split_by_source(
 ) -> Float[torch.Tensor, "batch head src"]:
     """Each head's DLA at the answer position split over key positions: pattern[q,k] * (v_k W_O[h]) . read."""
     rows = torch.arange(read.shape[0])
-    pattern = cache[f"blocks.{layer}.attn.hook_pattern"][rows, :, answer_pos]  # [batch, head, src]
-    v = cache[f"blocks.{layer}.attn.hook_v"]  # [batch, src, kv_head, d_head]
+    pattern = cache[hook_name("pattern", layer)][rows, :, answer_pos]  # [batch, head, src]
+    v = cache[hook_name("v", layer)]  # [batch, src, kv_head, d_head]
     if v.shape[2] != model.n_heads:  # grouped-query attention: each kv head serves a group of query heads
         v = v.repeat_interleave(model.n_heads // v.shape[2], dim=2)
     value_read = torch.einsum("bkhd,hdm,bm->bhk", v, W_O, read)
@@ -248,7 +274,7 @@ def _split_by_source(
 def _check_reconstruction(model: Model, rebuilt: torch.Tensor, actual: torch.Tensor) -> None:
     error = float((rebuilt - actual).norm() / actual.norm())
     if error > RECONSTRUCTION_RTOL:
-        raise CircuitlabError(
+        raise AttributionError(
             f"the final residual stream of {model.spec} is not the sum of embeddings, head outputs (z W_O) and "
             f"MLP outputs (relative error {error:.2e}); this architecture (e.g. post-attention norms) is not "
             "supported by direct logit attribution"

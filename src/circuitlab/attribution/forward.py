@@ -2,8 +2,8 @@
 the answer positions' logits only.
 
 Gradient methods run the model on many sequences (IG: steps x prompts) but every task metric reads the
-logits of one position per prompt. `metric_with_hooks` stops the bridge's forward at `unembed.hook_in`
-(the final-normed residual stream) and applies the bridge's own `unembed` module to the answer positions
+logits of one position per prompt. `metric_with_hooks` stops the bridge's forward at the unembedding's
+input (site ``unembed_in``, the final-normed residual stream) and applies the bridge's own `unembed` module to the answer positions
 only, so the [sequences, pos, vocab] logits and their gradient are never built. Everything up to the
 unembedding is the bridge's forward; tests check the result equals the full-logits metric.
 """
@@ -15,26 +15,26 @@ from dataclasses import replace
 
 import torch
 
-from circuitlab.errors import CircuitlabError
+from circuitlab.errors import AttributionError
+from circuitlab.models.hooks import hook_name
 from circuitlab.models.model import Model
 from circuitlab.tasks.task import TaskBatch
 
 MetricFn = Callable[[torch.Tensor, TaskBatch], torch.Tensor]
 Hooks = list[tuple[str, Callable]]
-UNEMBED_INPUT = "unembed.hook_in"
+UNEMBED_INPUT = hook_name("unembed_in")
 
 
-class _Stop(Exception):
+class _Stop(Exception):  # noqa: N818 - control flow, not an error: never escapes this module
     """Raised inside a hook to end a forward pass early (the hook context removes the hooks)."""
 
 
 def check_hook(model: Model, hook: str) -> None:
     """A clear error for a hook name the bridge does not have."""
     if hook not in model.bridge.hook_dict:
-        raise CircuitlabError(
-            f"hook {hook!r} does not exist in {model.spec}; use a name such as 'hook_embed', "
-            "'blocks.3.hook_resid_pre' or 'blocks.3.attn.hook_z'"
-        )
+        examples = ", ".join(repr(hook_name(*site)) for site in (("embed",), ("resid_pre", 0), ("z", 0)))
+        raise AttributionError(f"hook {hook!r} does not exist in {model.spec}; use a name such as {examples} "
+                               f"(layers 0..{model.n_layers - 1})")
 
 
 def capture_activation(model: Model, tokens: torch.Tensor, hook: str) -> torch.Tensor:
@@ -53,7 +53,7 @@ def capture_activation(model: Model, tokens: torch.Tensor, hook: str) -> torch.T
     except _Stop:
         pass
     if "act" not in captured:
-        raise CircuitlabError(f"hook {hook!r} never fires in {model.spec} (is it switched off in the bridge?)")
+        raise AttributionError(f"hook {hook!r} never fires in {model.spec} (is it switched off in the bridge?)")
     return captured["act"]
 
 

@@ -1,7 +1,8 @@
-"""Integrated gradients (Sundararajan et al. 2017) on input embeddings or on any hook activation.
+"""Integrated gradients (Sundararajan et al. 2017; docs/METHODS.md, "Integrated gradients") on input
+embeddings or on any hook activation.
 
 IG_i = (x_i - x'_i) * integral_0^1 d f(x' + a (x - x')) / d x_i da, where x is the activation at a hook
-(`hook_embed` for the input embeddings: token ids are never interpolated) and x' a baseline activation.
+(the ``embed`` site for the input embeddings: token ids are never interpolated) and x' a baseline activation.
 The path is evaluated in batches of interpolation steps; the hook replaces the activation with the
 interpolated one, so everything downstream is the bridge's own forward. Completeness:
 sum_i IG_i = f(x) - f(x'), up to the quadrature error reported as `completeness_gap`.
@@ -26,11 +27,13 @@ from jaxtyping import Float
 
 from circuitlab.attribution.forward import MetricFn, capture_activation, check_hook, metric_with_hooks
 from circuitlab.attribution.quadrature import quadrature
-from circuitlab.errors import CircuitlabError, TokenizationError
+from circuitlab.errors import AttributionError, TokenizationError
+from circuitlab.models.hooks import hook_name
 from circuitlab.models.model import Model
+from circuitlab.progress import progress_bar
 from circuitlab.tasks.task import TaskBatch
 
-EMBED_HOOK = "hook_embed"
+EMBED_HOOK = hook_name("embed")
 BASELINES = ("zero", "pad", "bos", "corrupt")
 # Activations of one interpolation chunk are kept below roughly this many bytes.
 CHUNK_BYTES = 1024 * 2**20
@@ -89,7 +92,7 @@ def baseline_activation(
             base = capture_activation(model, _check_ids(baseline, batch.clean), hook)
         else:
             if baseline.shape != x.shape:
-                raise CircuitlabError(
+                raise AttributionError(
                     f"baseline activation has shape {tuple(baseline.shape)} but the prompts' activation at "
                     f"{hook!r} has shape {tuple(x.shape)}; pass one baseline of the same shape (same batch and length)"
                 )
@@ -104,7 +107,7 @@ def baseline_activation(
     elif baseline == "corrupt":
         base = capture_activation(model, _check_ids(batch.corrupt, batch.clean), hook)
     else:
-        raise CircuitlabError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINES)} or pass a tensor")
+        raise AttributionError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINES)} or pass a tensor")
     bos = model.bos_token_id
     if not interpolate_bos and bos is not None and bool((batch.clean[:, 0] == bos).all()):
         base = base.clone()
@@ -126,17 +129,19 @@ def layer_integrated_gradients(
     baseline: str | torch.Tensor = "corrupt", steps: int = 64, rule: str = "gausslegendre",
     interpolate_bos: bool = False, chunk_steps: int | None = None,
 ) -> IntegratedGradients:
-    """IG of `metric` (per prompt) at `hook` for the clean prompts of `batch`; `hook_embed` = input embeddings."""
+    """IG of `metric` (per prompt) at `hook` for the clean prompts of `batch`; `EMBED_HOOK` = input embeddings."""
     alphas, weights = quadrature(rule, steps)
     x, f_input = _activation_and_metric(model, batch, metric, hook)
     base = baseline_activation(model, batch, hook, baseline, x, interpolate_bos=interpolate_bos)
     chunk = chunk_steps or _default_chunk(model, batch.clean)
     if chunk < 1:
-        raise CircuitlabError(f"chunk_steps must be >= 1, got {chunk}")
+        raise AttributionError(f"chunk_steps must be >= 1, got {chunk}")
     gradient_sum = torch.zeros_like(x)
-    for start in range(0, steps, chunk):
-        a, w = alphas[start:start + chunk].to(x.dtype), weights[start:start + chunk].to(x.dtype)
-        gradient_sum += _weighted_path_gradient(model, batch, metric, hook, x, base, a, w)
+    with progress_bar(steps, f"integrated gradients ({batch.size} prompts x {batch.n_pos} tokens)") as advance:
+        for start in range(0, steps, chunk):
+            a, w = alphas[start:start + chunk].to(x.dtype), weights[start:start + chunk].to(x.dtype)
+            gradient_sum += _weighted_path_gradient(model, batch, metric, hook, x, base, a, w)
+            advance(len(a))
     full = (x - base) * gradient_sum
     attributions = full.reshape(*full.shape[:2], -1).sum(-1)
     with torch.no_grad():
@@ -169,14 +174,14 @@ def _activation_and_metric(model: Model, batch: TaskBatch, metric: MetricFn, hoo
     with torch.no_grad():
         values = metric_with_hooks(model, batch, metric, [(hook, grab)]).detach()
     if "act" not in captured:
-        raise CircuitlabError(f"hook {hook!r} never fires in {model.spec} (is it switched off in the bridge?)")
+        raise AttributionError(f"hook {hook!r} never fires in {model.spec} (is it switched off in the bridge?)")
     return captured["act"], values
 
 
-def _replace(path: torch.Tensor, hook_name: str) -> Callable:
+def _replace(path: torch.Tensor, name: str) -> Callable:
     def hook(act: torch.Tensor, hook=None) -> torch.Tensor:
         if act.shape != path.shape:
-            raise CircuitlabError(f"hook {hook_name!r}: activation shape {tuple(act.shape)} != {tuple(path.shape)}")
+            raise AttributionError(f"hook {name!r}: activation shape {tuple(act.shape)} != {tuple(path.shape)}")
         return path
 
     return hook

@@ -1,15 +1,16 @@
-"""Figures for attribution results (matplotlib object API, no display): heatmaps, bars, coloured text."""
+"""Figures for attribution results (matplotlib object API, no display): heatmaps, bars, coloured text.
+
+Each function returns a `Figure` with its dpi set; the runner saves it (nothing here writes files).
+"""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from circuitlab.atomic import save_figure_atomically
+DPI = 110
 
 
 def _symmetric_norm(values: torch.Tensor) -> TwoSlopeNorm:
@@ -20,12 +21,12 @@ def _symmetric_norm(values: torch.Tensor) -> TwoSlopeNorm:
 
 
 def heatmap(
-    values: torch.Tensor, path: str | Path, *, title: str, xlabel: str, ylabel: str,
-    xticklabels: list[str] | None = None, signed: bool = True,
-) -> Path:
+    values: torch.Tensor, *, title: str, xlabel: str, ylabel: str, xticklabels: list[str] | None = None,
+    signed: bool = True,
+) -> Figure:
     """A [rows, cols] heatmap (rows = layers, bottom to top); diverging colours when `signed`."""
     values = values.detach().float().cpu()
-    fig = Figure(figsize=(max(4.0, 0.45 * values.shape[1] + 2), max(3.0, 0.25 * values.shape[0] + 1.5)))
+    fig = Figure(figsize=(max(4.0, 0.45 * values.shape[1] + 2), max(3.0, 0.25 * values.shape[0] + 1.5)), dpi=DPI)
     ax = fig.add_subplot()
     kwargs = {"cmap": "RdBu", "norm": _symmetric_norm(values)} if signed else {"cmap": "viridis"}
     image = ax.imshow(values.numpy(), aspect="auto", origin="lower", **kwargs)
@@ -39,12 +40,12 @@ def heatmap(
         ax.set_xticks(range(values.shape[1]))
     ax.set_yticks(range(values.shape[0]))
     fig.tight_layout()
-    return save_figure_atomically(fig, path, dpi=110)
+    return fig
 
 
-def layer_bars(per_layer: dict[str, torch.Tensor], path: str | Path, *, title: str) -> Path:
+def layer_bars(per_layer: dict[str, torch.Tensor], *, title: str) -> Figure:
     """Side-by-side bars per layer, one series per key (e.g. attn and mlp DLA)."""
-    fig = Figure(figsize=(8, 3.5))
+    fig = Figure(figsize=(8, 3.5), dpi=DPI)
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(per_layer))
     for i, (label, values) in enumerate(per_layer.items()):
@@ -56,19 +57,18 @@ def layer_bars(per_layer: dict[str, torch.Tensor], path: str | Path, *, title: s
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    return save_figure_atomically(fig, path, dpi=110)
+    return fig
 
 
-def coloured_text(
-    tokens: list[list[str]], attributions: torch.Tensor, path: str | Path, *, title: str
-) -> Path:
-    """Tokens rendered as text, each on a background coloured by its attribution (red < 0 < blue)."""
-    attributions = attributions.detach().float().cpu()
-    norm = _symmetric_norm(attributions)
+def coloured_text(tokens: list[list[str]], attributions: list[torch.Tensor], *, title: str) -> Figure:
+    """Tokens rendered as text, one prompt per line (prompts may differ in length), each token on a
+    background coloured by its attribution (red < 0 < blue, one colour scale for all prompts)."""
+    rows = [a.detach().float().cpu() for a in attributions]
+    norm = _symmetric_norm(torch.cat(rows)) if rows else _symmetric_norm(torch.zeros(1))
     from matplotlib import colormaps
 
     cmap = colormaps["RdBu"]
-    fig = Figure(figsize=(10, 0.6 * len(tokens) + 0.8))
+    fig = Figure(figsize=(10, 0.6 * len(tokens) + 0.8), dpi=DPI)
     renderer = FigureCanvasAgg(fig).get_renderer()  # token widths are measured to lay the text out
     ax = fig.add_subplot()
     ax.set_axis_off()
@@ -77,13 +77,13 @@ def coloured_text(
         y = 1.0 - (row + 1) / (len(tokens) + 1)
         x = 0.0
         for pos, token in enumerate(prompt):
-            colour = cmap(norm(float(attributions[row, pos])))
+            colour = cmap(norm(float(rows[row][pos])))
             text = ax.text(x, y, token.replace("\n", "\\n"), fontsize=10, family="monospace", transform=ax.transAxes,
                            bbox={"facecolor": colour, "edgecolor": "none", "pad": 1.5})
             box = text.get_window_extent(renderer=renderer).transformed(ax.transAxes.inverted())
             x += box.width + 0.004
     fig.colorbar(_scalar_mappable(cmap, norm), ax=ax, orientation="horizontal", fraction=0.05, pad=0.02)
-    return save_figure_atomically(fig, path, dpi=110)
+    return fig
 
 
 def _scalar_mappable(cmap, norm):

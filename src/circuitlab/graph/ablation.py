@@ -54,4 +54,4 @@ def ablated_outputs(
 
 
 def _d_model(engine: MaskedEdgeEngine) -> int:
-    return int(engine.model.d_model)
+    return engine.model.d_model

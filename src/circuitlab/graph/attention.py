@@ -6,7 +6,7 @@ bridge cannot compute that (its split-qkv inputs come per kv head on HF models a
 ones), so this module computes the attention block from the bridge's own weights, norm module and rotary
 tables: per stream norm -> per-head projection (kv weights repeated per query head, the same
 `repeat_interleave` grouping as HF's `repeat_kv`) -> RoPE -> causal softmax -> z. With identical streams
-it equals the bridge's hook_z (tested to 1e-4 on the toy models and SmolLM2).
+it equals the bridge's hook_z up to float32 rounding (tested on the toy models and SmolLM2).
 
 Supported: causal attention with plain RMSNorm/LayerNorm pre-norm, with or without biases and GQA, with
 no, native, or HF rotate-half RoPE. Q/K norms, soft-capping, sliding windows, partial or interleaved
@@ -16,20 +16,30 @@ rotary raise GraphError.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
+from torch import nn
 
 from circuitlab.errors import GraphError
+from circuitlab.models.hooks import hook_name
+
+if TYPE_CHECKING:
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+Heads = Float[torch.Tensor, "batch head pos d_head"]
+Rotary = Float[torch.Tensor, "batch pos d_head"]
 
 
-def _inner(module: Any) -> Any:
+def _inner(module: nn.Module) -> nn.Module:
     """The wrapped torch module of a bridge component (bypasses the bridge's hook points)."""
-    return getattr(module, "original_component", None) or module
+    inner = getattr(module, "original_component", None)
+    return inner if isinstance(inner, nn.Module) else module
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def _rotate_half(x: Heads) -> Heads:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
@@ -37,7 +47,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class HeadwiseAttention:
     """Layer `layer`'s attention block with per-head q/k/v residual inputs. Weights are read once."""
 
-    def __init__(self, bridge: Any, layer: int):
+    def __init__(self, bridge: TransformerBridge, layer: int):
         cfg = bridge.cfg
         block = bridge.blocks[layer]
         attn = block.attn
@@ -54,17 +64,19 @@ class HeadwiseAttention:
         self.b_K = _bias(attn, "b_K", group)
         self.b_V = _bias(attn, "b_V", group)
         inner = _inner(attn)
-        self.uses_hf_rotary = f"blocks.{layer}.attn.hook_cos" in bridge.hook_dict
+        self.uses_hf_rotary = hook_name("rot_cos", layer) in bridge.hook_dict
         self.native_rotary = None if self.uses_hf_rotary else getattr(inner, "rotary", None)
-        if hasattr(inner, "scaling"):
-            self.scale = float(inner.scaling)
-        elif hasattr(inner, "scale"):
-            self.scale = 1.0 / float(inner.scale)
+        # HF modules store the multiplier (`scaling`), native ones the divisor (`scale`).
+        scaling, divisor = getattr(inner, "scaling", None), getattr(inner, "scale", None)
+        if scaling is not None:
+            self.scale = float(scaling)
+        elif divisor is not None:
+            self.scale = 1.0 / float(divisor)
         else:
             self.scale = 1.0 / math.sqrt(self.W_Q.shape[-1])
         self._check_supported(cfg, inner)
 
-    def _check_supported(self, cfg: Any, inner: Any) -> None:
+    def _check_supported(self, cfg: TransformerBridgeConfig, inner: nn.Module) -> None:
         problems = []
         if getattr(cfg, "use_qk_norm", False) or hasattr(inner, "q_norm"):
             problems.append("Q/K norms")
@@ -87,8 +99,8 @@ class HeadwiseAttention:
     def z(
         self,
         streams: Float[torch.Tensor, "qkv_head batch pos d_model"],
-        cos: torch.Tensor | None = None,
-        sin: torch.Tensor | None = None,
+        cos: Rotary | None = None,
+        sin: Rotary | None = None,
     ) -> Float[torch.Tensor, "batch pos head d_head"]:
         """streams = [q inputs of heads 0..H-1, k inputs, v inputs] (residual, before ln1)."""
         H = self.n_heads
@@ -107,10 +119,11 @@ class HeadwiseAttention:
         scores = torch.matmul(q, k.transpose(-2, -1)) * self.scale
         future = torch.triu(torch.ones(n_pos, n_pos, dtype=torch.bool, device=scores.device), diagonal=1)
         scores = scores.masked_fill(future, float("-inf"))
-        pattern = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+        # softmax in at least float32 (half-precision scores saturate), never below the input precision
+        pattern = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(v.dtype)
         return torch.matmul(pattern, v).transpose(1, 2)  # [batch, pos, head, d_head]
 
-    def _rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
+    def _rotary(self, q: Heads, k: Heads, cos: Rotary | None, sin: Rotary | None) -> tuple[Heads, Heads]:
         if self.uses_hf_rotary:
             if cos is None or sin is None:
                 raise GraphError(f"layer {self.layer}: rotary cos/sin were not captured from the bridge")
@@ -127,7 +140,7 @@ class HeadwiseAttention:
         return torch.einsum("bphe,hed->hbpd", z, self.W_O)
 
 
-def _bias(attn: Any, name: str, group: int) -> torch.Tensor | None:
+def _bias(attn: nn.Module, name: str, group: int) -> Float[torch.Tensor, "head d_head"] | None:
     try:
         value = getattr(attn, name)
     except AttributeError:

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
+from jaxtyping import Bool, Float, Int
 
 from circuitlab.errors import GraphError
+from circuitlab.graph.ablation import ablated_outputs
 from circuitlab.graph.graph import Graph, GraphShape
+from circuitlab.graph.masked import MaskedEdgeEngine
 from circuitlab.graph.mib_json import read_mib_json, write_mib_json
+from circuitlab.models.model import Model
+
+EdgeScores = Float[torch.Tensor, " edge"]
 
 
 @dataclass(eq=False)
@@ -26,11 +31,11 @@ class Circuit:
     """
 
     graph: Graph
-    in_graph: torch.Tensor
-    scores: torch.Tensor | None = None
+    in_graph: Bool[torch.Tensor, " edge"]
+    scores: EdgeScores | None = None
     node_scores: dict[str, float] | None = None
-    model: Any = None
-    _engine: Any = field(default=None, repr=False)
+    model: Model | None = None
+    _engine: MaskedEdgeEngine | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if tuple(self.in_graph.shape) != (self.graph.n_edges,):
@@ -43,21 +48,23 @@ class Circuit:
 
     # --- construction ---------------------------------------------------------------------------------
     @classmethod
-    def from_edges(cls, graph: Graph, edges: list[str], scores: torch.Tensor | None = None, model: Any = None) -> Circuit:
+    def from_edges(cls, graph: Graph, edges: list[str], scores: EdgeScores | None = None,
+                   model: Model | None = None) -> Circuit:
         mask = torch.zeros(graph.n_edges, dtype=torch.bool)
         mask[graph.edge_ids(edges)] = True
         return cls(graph, mask, scores, model=model)
 
     @classmethod
-    def full(cls, graph: Graph, model: Any = None) -> Circuit:
+    def full(cls, graph: Graph, model: Model | None = None) -> Circuit:
         return cls(graph, torch.ones(graph.n_edges, dtype=torch.bool), model=model)
 
     @classmethod
-    def empty(cls, graph: Graph, model: Any = None) -> Circuit:
+    def empty(cls, graph: Graph, model: Model | None = None) -> Circuit:
         return cls(graph, torch.zeros(graph.n_edges, dtype=torch.bool), model=model)
 
     @classmethod
-    def top_n(cls, graph: Graph, scores: torch.Tensor, n: int, *, absolute: bool = True, model: Any = None) -> Circuit:
+    def top_n(cls, graph: Graph, scores: EdgeScores, n: int, *, absolute: bool = True,
+              model: Model | None = None) -> Circuit:
         """The n highest-scoring edges (by |score| when absolute), scores kept."""
         if not 0 <= n <= graph.n_edges:
             raise GraphError(f"n must lie in [0, {graph.n_edges}], got {n}")
@@ -89,7 +96,7 @@ class Circuit:
     def __contains__(self, edge: str) -> bool:
         return bool(self.in_graph[self.graph.edge_id(edge)])
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, int | float]:
         """Size statistics: edges (count, fraction, by receiver input kind), nodes, heads, MLPs."""
         nodes = self.nodes
         kinds = {"q": 0, "k": 0, "v": 0, "mlp": 0, "logits": 0}
@@ -152,7 +159,7 @@ class Circuit:
 
     __or__, __and__, __sub__ = union, intersection, difference
 
-    def overlap(self, other: Circuit) -> dict:
+    def overlap(self, other: Circuit) -> dict[str, int | float]:
         """Jaccard of edges and of nodes; edge precision |A&B|/|A| and recall |A&B|/|B| (other = reference)."""
         self._check_same(other)
         both = int((self.in_graph & other.in_graph).sum())
@@ -172,7 +179,7 @@ class Circuit:
         return write_mib_json(path, self.graph, self.in_graph, self.scores, self.node_scores)
 
     @classmethod
-    def load(cls, path: str | Path, model: Any = None) -> Circuit:
+    def load(cls, path: str | Path, model: Model | None = None) -> Circuit:
         """Read an EAP-IG / MIB JSON circuit; with `model`, a clear error when it was made for another shape."""
         data = read_mib_json(path)
         if model is not None:
@@ -181,42 +188,40 @@ class Circuit:
         return cls(data.graph, data.in_graph, data.scores, data.node_scores, model)
 
     # --- running --------------------------------------------------------------------------------------
-    def coefficients(self) -> torch.Tensor:
+    def coefficients(self) -> Float[torch.Tensor, " edge"]:
         return self.in_graph.float()
 
-    def engine(self) -> Any:
-        from circuitlab.graph.masked import MaskedEdgeEngine
-
+    def engine(self) -> MaskedEdgeEngine:
         if self.model is None:
             raise GraphError("this circuit has no model; create or load it with model=... to run it")
         if self._engine is None:
             self._engine = MaskedEdgeEngine(self.model, self.graph)
         return self._engine
 
-    def run(self, tokens: torch.Tensor, ablation: str = "corrupt", *, corrupt: torch.Tensor | None = None,
-            reference: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
+    def run(self, tokens: Int[torch.Tensor, "batch pos"], ablation: str = "corrupt", *,
+            corrupt: Int[torch.Tensor, "batch pos"] | None = None, reference: Int[torch.Tensor, "n pos"] | None = None,
+            seed: int = 0) -> Float[torch.Tensor, "batch pos vocab"]:
         """Logits [batch, pos, vocab] with every edge outside the circuit ablated (see ablation.py)."""
-        from circuitlab.graph.ablation import ablated_outputs
-
         engine = self.engine()
         ablated = ablated_outputs(engine, ablation, tokens, corrupt=corrupt, reference=reference, seed=seed)
         with torch.no_grad():
             return engine.run(tokens, self.coefficients(), ablated)
 
-    def draw(self, path_stem: str | Path, **kwargs: Any) -> list[Path]:
+    def draw(self, path_stem: str | Path, *, title: str | None = None, min_width: float = 0.4,
+             max_width: float = 4.0) -> list[Path]:
         """PNG + SVG (matplotlib) and a Graphviz .dot file; see draw.py."""
-        from circuitlab.graph.draw import draw_circuit
+        from circuitlab.graph.draw import draw_circuit  # matplotlib only when drawing
 
-        return draw_circuit(self, path_stem, **kwargs)
+        return draw_circuit(self, path_stem, title=title, min_width=min_width, max_width=max_width)
 
     def __repr__(self) -> str:
         return f"Circuit({self.n_edges} of {self.graph.n_edges} edges, {len(self.nodes)} nodes)"
 
 
-def _check_model(graph: Graph, model: Any, source: str = "circuit") -> None:
+def _check_model(graph: Graph, model: Model, source: str = "circuit") -> None:
     shape = GraphShape.from_model(model)
     if not graph.shape.compatible_with(shape):
         raise GraphError(
-            f"{source} was made for a model with {graph.shape.describe()}, but {getattr(model, 'spec', 'this model')} "
+            f"{source} was made for a model with {graph.shape.describe()}, but {model.spec} "
             f"has {shape.describe()}; load it with the model it was made for"
         )

@@ -7,13 +7,19 @@ q blue, k green, v red, MLP / logits grey. No system package is needed (Graphviz
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Float
 
 from circuitlab.atomic import save_figure_atomically, write_text_atomically
 from circuitlab.graph.naming import parse_node
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from circuitlab.graph.circuit import Circuit
 
 COLOURS = {"q": "#1f77b4", "k": "#2ca02c", "v": "#d62728", None: "#7f7f7f"}
@@ -101,20 +107,19 @@ def to_dot(circuit: Circuit, edge_ids: list[int], widths: list[float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_path_patching_sweep(values, path: str | Path, *, title: str) -> Path:
+def path_patching_figure(values: Float[torch.Tensor, "layer head"], *, title: str) -> Figure:
     """Layer x head heatmap of a path-patching sweep (NaN = no edge into the receivers), diverging at 0."""
-    import torch
     from matplotlib.figure import Figure
 
-    values = torch.as_tensor(values)
     finite = values[~torch.isnan(values)]
     bound = float(finite.abs().max()) if finite.numel() else 1.0
-    fig = Figure(figsize=(max(4.0, 0.45 * values.shape[1] + 2), max(3.0, 0.22 * values.shape[0] + 1.5)))
+    bound = bound or 1.0  # an all-zero sweep still needs a colour scale
+    fig = Figure(figsize=(max(4.0, 0.45 * values.shape[1] + 2), max(3.0, 0.22 * values.shape[0] + 1.5)), dpi=150)
     ax = fig.add_subplot()
-    image = ax.imshow(values.numpy(), cmap="RdBu", vmin=-bound or -1, vmax=bound or 1, aspect="auto", origin="lower")
+    image = ax.imshow(values.numpy(), cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto", origin="lower")
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    return Path(save_figure_atomically(fig, path, dpi=150))
+    return fig

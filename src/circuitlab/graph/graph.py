@@ -22,9 +22,11 @@ from functools import cached_property
 from typing import Any
 
 import torch
+from jaxtyping import Float, Int
 
 from circuitlab.errors import GraphError
 from circuitlab.graph.naming import QKV, edge_name, head_name, mlp_name, parse_node, receiver_name, split_edge
+from circuitlab.models.model import Model
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,8 @@ class GraphShape:
             raise GraphError(f"a graph needs n_layers >= 1 and n_heads >= 1, got {self.n_layers}, {self.n_heads}")
 
     @classmethod
-    def from_model(cls, model: Any) -> GraphShape:
-        """From a circuitlab Model (or anything with a TransformerLens-style `.cfg`)."""
+    def from_model(cls, model: Model) -> GraphShape:
+        """From a circuitlab Model (its bridge's TransformerLens-style `cfg`)."""
         cfg = model.cfg
         if bool(getattr(cfg, "parallel_attn_mlp", False)):
             raise GraphError("parallel attention+MLP blocks are not supported by the edge graph (sequential blocks only)")
@@ -51,9 +53,9 @@ class GraphShape:
         return cls(int(cfg.n_layers), int(cfg.n_heads), bool(getattr(cfg, "attn_only", False)),
                    int(n_kv) if n_kv else None, int(cfg.d_model))
 
-    def to_cfg(self) -> dict:
+    def to_cfg(self) -> dict[str, int | bool]:
         """The JSON 'cfg' block: EAP-IG's keys first (n_layers, n_heads, parallel_attn_mlp, d_model)."""
-        cfg: dict[str, Any] = {"n_layers": self.n_layers, "n_heads": self.n_heads, "parallel_attn_mlp": False}
+        cfg: dict[str, int | bool] = {"n_layers": self.n_layers, "n_heads": self.n_heads, "parallel_attn_mlp": False}
         if self.d_model is not None:
             cfg["d_model"] = self.d_model
         cfg["attn_only"] = self.attn_only
@@ -62,7 +64,7 @@ class GraphShape:
         return cfg
 
     @classmethod
-    def from_cfg(cls, cfg: dict) -> GraphShape:
+    def from_cfg(cls, cfg: dict[str, Any]) -> GraphShape:
         try:
             n_layers, n_heads = int(cfg["n_layers"]), int(cfg["n_heads"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -125,13 +127,13 @@ class Graph:
         self.sender_index = {n: i for i, n in enumerate(self.senders)}
         self.receiver_index = {n: j for j, n in enumerate(self.receivers)}
         src, dst = self._enumerate_edges()
-        self.edge_src = torch.tensor(src, dtype=torch.long)
-        self.edge_dst = torch.tensor(dst, dtype=torch.long)
+        self.edge_src: Int[torch.Tensor, " edge"] = torch.tensor(src, dtype=torch.long)
+        self.edge_dst: Int[torch.Tensor, " edge"] = torch.tensor(dst, dtype=torch.long)
         self.edges: list[str] = [edge_name(self.senders[s], self.receivers[r]) for s, r in zip(src, dst, strict=True)]
         self.edge_index = {n: e for e, n in enumerate(self.edges)}
 
     @classmethod
-    def from_model(cls, model: Any) -> Graph:
+    def from_model(cls, model: Model) -> Graph:
         return cls(GraphShape.from_model(model))
 
     def _enumerate_edges(self) -> tuple[list[int], list[int]]:
@@ -237,11 +239,11 @@ class Graph:
             )
         raise GraphError(f"edge {name!r} is not in this graph")  # pragma: no cover - all cases covered above
 
-    def edge_ids(self, names: list[str]) -> torch.Tensor:
+    def edge_ids(self, names: list[str]) -> Int[torch.Tensor, " n"]:
         return torch.tensor([self.edge_id(n) for n in names], dtype=torch.long)
 
     # --- coefficient tensors -------------------------------------------------------------------------
-    def check_coefficients(self, coefficients: torch.Tensor) -> torch.Tensor:
+    def check_coefficients(self, coefficients: Float[torch.Tensor, "*k edge"]) -> Float[torch.Tensor, "k edge"]:
         """Validate [n_edges] or [k, n_edges] edge coefficients in [0, 1]; returns them as [k, n_edges]."""
         if not isinstance(coefficients, torch.Tensor):
             raise GraphError(f"edge coefficients must be a torch tensor, got {type(coefficients).__name__}")
@@ -258,10 +260,10 @@ class Graph:
             raise GraphError(f"edge coefficients must lie in [0, 1], got values in [{low:.4g}, {high:.4g}]")
         return coefficients if coefficients.ndim == 2 else coefficients.unsqueeze(0)
 
-    def ones(self) -> torch.Tensor:
+    def ones(self) -> Float[torch.Tensor, " edge"]:
         return torch.ones(self.n_edges)
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         return {**asdict(self.shape), "n_nodes": len(self.nodes), "n_edges": self.n_edges,
                 "n_senders": self.n_senders, "n_receivers": self.n_receivers}
 

@@ -7,10 +7,11 @@ run, an ablation upstream propagates downstream, as in ACDC and EAP-IG. Implemen
 bridge's residual stream holds the sum of this run's sender outputs, so a receiver's input is that
 residual minus  sum_s (1 - c_{s,r}) (out_s - abl_s).
 
-Hooks on the bridge: blocks.{l}.hook_resid_pre (read; layer 0 is the `input` sender),
-blocks.{l}.attn.hook_cos/sin (read, HF rotary), blocks.{l}.attn.hook_z (replaced by the per-head-input
-attention of attention.py), blocks.{l}.ln2.hook_in (MLP receiver input), blocks.{l}.hook_mlp_out (read),
-ln_final.hook_in (logits receiver input). This works on HF-backed and native (boot_native) bridges.
+Bridge hooks, by their site in `circuitlab.models.hooks`: resid_pre (read; layer 0 is the `input` sender),
+rot_cos / rot_sin (read, HF rotary), z (replaced by the per-head-input attention of attention.py),
+mlp_in or mlp_in_raw (MLP receiver input), mlp_out (read), final_norm_in or unembed_in (logits receiver
+input). This works on HF-backed and native (boot_native) bridges. See docs/METHODS.md, "Masked-edge runs
+and ablations".
 
 Several coefficient sets ([k, n_edges]) run as one forward on a k-times repeated batch. Coefficients may
 require grad; the result is then differentiable with respect to them.
@@ -18,7 +19,8 @@ require grad; the result is then differentiable with respect to them.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -26,42 +28,65 @@ from jaxtyping import Float, Int
 from circuitlab.errors import GraphError
 from circuitlab.graph.attention import HeadwiseAttention
 from circuitlab.graph.graph import Graph, GraphShape
+from circuitlab.models.hooks import hook_name
+from circuitlab.models.model import Model
+
+if TYPE_CHECKING:
+    from transformer_lens.hook_points import HookPoint
+    from transformer_lens.model_bridge import TransformerBridge
+
+Tokens = Int[torch.Tensor, "batch pos"]
+Coefficients = Float[torch.Tensor, "*k edge"]  # [n_edges] or [k, n_edges]
+SenderOutputs = Float[torch.Tensor, "sender batch_or_1 pos d_model"]
+HookFn = Callable[[torch.Tensor, "HookPoint"], torch.Tensor | None]
+# run_with_hooks' own parameter type (a list is invariant, so a list of (str, HookFn) would not match it).
+FwdHooks = list[tuple[str | Callable[..., Any], Callable[..., Any]]]
+
+
+def mlp_input_hook(bridge: TransformerBridge, layer: int) -> str:
+    """The hook holding layer `layer`'s MLP input: the pre-MLP norm's input where the block has one."""
+    name = hook_name("mlp_in", layer)
+    return name if name in bridge.hook_dict else hook_name("mlp_in_raw", layer)
+
+
+def final_input_hook(bridge: TransformerBridge) -> str:
+    """The hook holding the logits' input (the final norm's input, else the unembedding's)."""
+    name = hook_name("final_norm_in")
+    return name if name in bridge.hook_dict else hook_name("unembed_in")
 
 
 class MaskedEdgeEngine:
     """Runs one model under edge coefficients. Build once per model (reads the attention weights)."""
 
-    def __init__(self, model: Any, graph: Graph | None = None):
+    def __init__(self, model: Model, graph: Graph | None = None):
         self.model = model
-        self.bridge = model.bridge
+        self.bridge: TransformerBridge = model.bridge
         shape = GraphShape.from_model(model)
         self.graph = graph if graph is not None else Graph(shape)
         if not self.graph.shape.compatible_with(shape):
             raise GraphError(
-                f"graph is for a model with {self.graph.shape.describe()}, but {getattr(model, 'spec', 'the model')} "
+                f"graph is for a model with {self.graph.shape.describe()}, but {model.spec} "
                 f"has {shape.describe()}; build the graph with Graph.from_model(model)"
             )
         self.layers = [HeadwiseAttention(self.bridge, layer) for layer in range(shape.n_layers)]
-        hooks = self.bridge.hook_dict
-        self.final_hook = "ln_final.hook_in" if "ln_final.hook_in" in hooks else "unembed.hook_in"
-        self.mlp_in_hook = "ln2.hook_in" if "blocks.0.ln2.hook_in" in hooks else "mlp.hook_in"
+        self.final_hook = final_input_hook(self.bridge)
 
     # --- plain runs -----------------------------------------------------------------------------------
-    def sender_outputs(self, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "sender batch pos d_model"]:
+    def sender_outputs(self, tokens: Tokens) -> Float[torch.Tensor, "sender batch pos d_model"]:
         """Every sender's output on `tokens` in a plain (unmasked) run, in forward order."""
         self.model.check_tokens(tokens)
         store: dict[str, torch.Tensor] = {}
 
-        def keep(key: str):
-            def hook(x: torch.Tensor, hook: Any) -> None:
+        def keep(key: str) -> HookFn:
+            def hook(x: torch.Tensor, hook: HookPoint) -> None:
                 store[key] = x.detach()
             return hook
 
-        hooks = [("blocks.0.hook_resid_pre", keep("input"))]
+        hooks: FwdHooks = [(hook_name("resid_pre", 0), keep("input"))]
         for layer in range(self.graph.shape.n_layers):
-            hooks.append((f"blocks.{layer}.attn.hook_z", keep(f"z{layer}")))
+            hooks.append((hook_name("z", layer), keep(f"z{layer}")))
             if not self.graph.shape.attn_only:
-                hooks.append((f"blocks.{layer}.hook_mlp_out", keep(f"m{layer}")))
+                hooks.append((hook_name("mlp_out", layer), keep(f"m{layer}")))
         with torch.no_grad():
             self.bridge.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None)
             parts = [store["input"].unsqueeze(0)]
@@ -74,10 +99,10 @@ class MaskedEdgeEngine:
     # --- masked runs ----------------------------------------------------------------------------------
     def run(
         self,
-        tokens: Int[torch.Tensor, "batch pos"],
-        coefficients: torch.Tensor,
-        ablated: Float[torch.Tensor, "sender batch_or_1 pos d_model"],
-    ) -> torch.Tensor:
+        tokens: Tokens,
+        coefficients: Coefficients,
+        ablated: SenderOutputs,
+    ) -> Float[torch.Tensor, "*k batch pos vocab"]:
         """Logits [batch, pos, vocab] for coefficients [n_edges], or [k, batch, pos, vocab] for [k, n_edges].
 
         ablated: the senders' ablated outputs (ablation.ablated_outputs), batch dimension = batch or 1.
@@ -93,7 +118,7 @@ class MaskedEdgeEngine:
         logits = logits.view(k, batch, n_pos, -1)
         return logits[0] if flat else logits
 
-    def _check_ablated(self, ablated: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def _check_ablated(self, ablated: SenderOutputs, tokens: Tokens) -> SenderOutputs:
         want = (self.graph.n_senders, tokens.shape[1], self.graph.shape.d_model or ablated.shape[-1])
         ok = (ablated.ndim == 4 and (ablated.shape[0], ablated.shape[2], ablated.shape[3]) == want
               and ablated.shape[1] in (1, tokens.shape[0]))
@@ -108,7 +133,8 @@ class MaskedEdgeEngine:
 class _RunState:
     """The hooks of one masked run and what they share: this run's sender-output differences so far."""
 
-    def __init__(self, engine: MaskedEdgeEngine, coeff: torch.Tensor, ablated: torch.Tensor, k: int, batch: int):
+    def __init__(self, engine: MaskedEdgeEngine, coeff: Float[torch.Tensor, "k edge"], ablated: SenderOutputs,
+                 k: int, batch: int):
         self.engine, self.graph = engine, engine.graph
         self.k, self.batch = k, batch
         g = self.graph
@@ -129,21 +155,22 @@ class _RunState:
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
 
-    def hooks(self) -> list[tuple[str, Any]]:
-        out: list[tuple[str, Any]] = []
+    def hooks(self) -> FwdHooks:
+        out: FwdHooks = []
         for layer in range(self.graph.shape.n_layers):
-            out.append((f"blocks.{layer}.hook_resid_pre", self._resid_pre(layer)))
+            out.append((hook_name("resid_pre", layer), self._resid_pre(layer)))
             if self.engine.layers[layer].uses_hf_rotary:
-                out.append((f"blocks.{layer}.attn.hook_cos", self._keep("cos")))
-                out.append((f"blocks.{layer}.attn.hook_sin", self._keep("sin")))
-            out.append((f"blocks.{layer}.attn.hook_z", self._attention(layer)))
+                out.append((hook_name("rot_cos", layer), self._keep("cos")))
+                out.append((hook_name("rot_sin", layer), self._keep("sin")))
+            out.append((hook_name("z", layer), self._attention(layer)))
             if not self.graph.shape.attn_only:
-                out.append((f"blocks.{layer}.{self.engine.mlp_in_hook}", self._receiver_input(self.graph.mlp_receiver(layer))))
-                out.append((f"blocks.{layer}.hook_mlp_out", self._mlp_out(layer)))
+                mlp_in = mlp_input_hook(self.engine.bridge, layer)
+                out.append((mlp_in, self._receiver_input(self.graph.mlp_receiver(layer))))
+                out.append((hook_name("mlp_out", layer), self._mlp_out(layer)))
         out.append((self.engine.final_hook, self._receiver_input(self.graph.n_receivers - 1)))
         return out
 
-    def _add_senders(self, outputs: torch.Tensor) -> None:
+    def _add_senders(self, outputs: Float[torch.Tensor, "n k_batch pos d_model"]) -> None:
         """outputs [n, k*batch, pos, d_model] of the next n senders in forward order."""
         n = outputs.shape[0]
         ablated = self.ablated[self.n_done:self.n_done + n].unsqueeze(1)  # [n, 1, batch|1, pos, d]
@@ -160,7 +187,7 @@ class _RunState:
         self.n_done += n
         self.shape = outputs.shape[1:]
 
-    def _delta(self, receivers: slice) -> torch.Tensor:
+    def _delta(self, receivers: slice) -> Float[torch.Tensor, "receiver k_batch pos d_model"]:
         """sum_s (1 - c_{s,r}) (out_s - abl_s) for receivers r: [n_receivers, k*batch, pos, d_model]."""
         if self.track_grad:
             diffs = torch.cat(self.chunks, dim=1) if len(self.chunks) > 1 else self.chunks[0]
@@ -188,22 +215,22 @@ class _RunState:
         n_r = total.shape[1]
         return total.view(self.k, n_r, self.batch, -1).transpose(0, 1).reshape(n_r, *self.shape)
 
-    def _keep(self, attr: str):
-        def hook(x: torch.Tensor, hook: Any) -> None:
+    def _keep(self, attr: str) -> HookFn:
+        def hook(x: torch.Tensor, hook: HookPoint) -> None:
             setattr(self, attr, x)
         return hook
 
-    def _resid_pre(self, layer: int):
-        def hook(x: torch.Tensor, hook: Any) -> None:
+    def _resid_pre(self, layer: int) -> HookFn:
+        def hook(x: torch.Tensor, hook: HookPoint) -> None:
             if layer == 0:
                 self._add_senders(x.unsqueeze(0))  # the input node's output is the embedding
             self.resid = x
         return hook
 
-    def _attention(self, layer: int):
+    def _attention(self, layer: int) -> HookFn:
         attention = self.engine.layers[layer]
 
-        def hook(z: torch.Tensor, hook: Any) -> torch.Tensor:
+        def hook(z: torch.Tensor, hook: HookPoint) -> torch.Tensor:
             assert self.resid is not None
             streams = self.resid.unsqueeze(0) - self._delta(self.graph.head_receivers(layer))
             new_z = attention.z(streams, self.cos, self.sin)
@@ -211,12 +238,12 @@ class _RunState:
             return new_z.to(z.dtype)
         return hook
 
-    def _receiver_input(self, receiver: int):
-        def hook(x: torch.Tensor, hook: Any) -> torch.Tensor:
+    def _receiver_input(self, receiver: int) -> HookFn:
+        def hook(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
             return x - self._delta(slice(receiver, receiver + 1))[0]
         return hook
 
-    def _mlp_out(self, layer: int):
-        def hook(x: torch.Tensor, hook: Any) -> None:
+    def _mlp_out(self, layer: int) -> HookFn:
+        def hook(x: torch.Tensor, hook: HookPoint) -> None:
             self._add_senders(x.unsqueeze(0))
         return hook

@@ -8,6 +8,9 @@ Patterns (used by path patching and the CLI) are shell-style wildcards matched a
 names with `fnmatch`: `a9.h*` = every head of layer 9, `a*.h3` = head 3 of every layer, `a9.h*<q>` =
 the query inputs of every layer-9 head, `a9.h1` as a receiver = its q, k and v inputs, `m*` = every MLP.
 Several patterns are separated by commas: `a9.h6<q>,a9.h9<q>,logits`.
+
+`check_receiver_patterns` checks a receiver pattern's *syntax* without a model (so a typo fails before
+the model loads); whether the layers and heads it names exist is checked against the model's graph.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from fnmatch import fnmatchcase
 from circuitlab.errors import GraphError
 
 QKV = ("q", "k", "v")
+RECEIVER_FORMS = ("'logits', 'm{layer}', 'a{layer}.h{head}' (its q, k and v inputs) or 'a{layer}.h{head}<q|k|v>', "
+                  "with shell wildcards * ? [..], comma-separated, e.g. 'a9.h*<q>,logits'")
 _HEAD = re.compile(r"^a(\d+)\.h(\d+)$")
 _MLP = re.compile(r"^m(\d+)$")
 _RECEIVER = re.compile(r"^(?P<node>[^<>]+)(?:<(?P<qkv>[qkv])>)?$")
@@ -105,3 +110,33 @@ def match_names(patterns: str | list[str], names: list[str], what: str) -> list[
             raise GraphError(f"pattern {pattern!r} matches no {what} of this graph (names look like {examples})")
         chosen.update(hits)
     return [n for n in names if n in chosen]
+
+
+# Syntax check without a model: every number in a name is written with the digit 0 only, one to six
+# digits long, so this finite set of names stands for every name of every graph. A pattern is well formed
+# when, with its digits rewritten to 0 (negated classes widened to '?'), it matches one of these.
+_NUMBERS = tuple("0" * n for n in range(1, 7))
+_GENERIC_NODES = tuple([f"a{layer}.h{head}" for layer in _NUMBERS for head in _NUMBERS]
+                       + [f"m{layer}" for layer in _NUMBERS] + ["logits"])
+_GENERIC_RECEIVERS = tuple([f"a{layer}.h{head}<{x}>" for layer in _NUMBERS for head in _NUMBERS for x in QKV]
+                           + list(_GENERIC_NODES[-len(_NUMBERS) - 1:]))
+_NEGATED_CLASS = re.compile(r"\[![^\]]*\]")
+
+
+def _generic(pattern: str) -> str:
+    return re.sub(r"\d", "0", _NEGATED_CLASS.sub("?", pattern))
+
+
+def check_receiver_patterns(patterns: str | list[str]) -> list[str]:
+    """The comma-separated receiver patterns, each checked for syntax (no model needed); GraphError naming
+    the accepted forms otherwise. Patterns with `<...>` match receiver names, others node names."""
+    out = split_patterns(patterns)
+    for pattern in out:
+        if pattern == "input":
+            raise GraphError("'input' cannot be a receiver (it has no incoming edges); receivers are "
+                             + RECEIVER_FORMS)
+        names = _GENERIC_RECEIVERS if "<" in pattern else _GENERIC_NODES
+        generic = _generic(pattern)
+        if not any(fnmatchcase(name, generic) for name in names):
+            raise GraphError(f"receiver pattern {pattern!r} is not well formed; receivers are {RECEIVER_FORMS}")
+    return out

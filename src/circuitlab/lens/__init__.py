@@ -1,12 +1,9 @@
-"""Lenses: read intermediate residual streams in vocabulary space."""
+"""Lenses (docs/METHODS.md, "Logit lens"): read intermediate residual streams in vocabulary space.
 
-from circuitlab.lens.logit_lens import (
-    LensError,
-    LensResult,
-    lens_from_resid,
-    lens_sites,
-    logit_lens,
-    plot_lens,
-)
+The registered analysis is ``lens`` (`circuitlab.lens.analysis`); plumbing (hook names, the figure) stays
+in the submodules.
+"""
 
-__all__ = ["LensError", "LensResult", "lens_from_resid", "lens_sites", "logit_lens", "plot_lens"]
+from circuitlab.lens.logit_lens import LensResult, lens_from_resid, logit_lens
+
+__all__ = ["logit_lens", "lens_from_resid", "LensResult"]

@@ -1,34 +1,35 @@
-"""Logit lens (nostalgebraist 2020; seed section 2.3): read every residual stream as if it were the last.
+"""Logit lens (nostalgebraist 2020; docs/METHODS.md, "Logit lens"): read every residual stream as if it
+were the last.
 
 logits_l = unembed(ln_final(resid_l)) with the model's own final norm (RMSNorm with its weight for SmolLM2)
 and unembedding, applied through the bridge modules `bridge.ln_final` and `bridge.unembed` (pure functions
-of their input; tests check this). The seed multiplies by W_U without the final norm, which mis-scales every
-layer and does not reproduce the model's logits at the last layer; this version does (tested to 1e-4).
+of their input; tests check this). Multiplying by W_U without the final norm would mis-scale every layer
+and not reproduce the model's logits at the last layer; this version does (tested against the logits).
 
-Depth index `layer` l = 0..L means "after l blocks": l < L reads blocks.{l}.hook_resid_pre (l = 0 is the
-embedding), l = L reads the final blocks.{L-1}.hook_resid_post.
+Depth index `layer` l = 0..L means "after l blocks": l < L reads the ``resid_pre`` site of block l (l = 0
+is the embedding), l = L reads the ``resid_post`` site of the last block.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
 
-from circuitlab.errors import CircuitlabError
+from circuitlab.errors import LensError
+from circuitlab.lens.plots import plot_lens
+from circuitlab.models.hooks import hook_name, layer_hook_names
 from circuitlab.models.model import Model
 
-
-class LensError(CircuitlabError):
-    """A logit-lens request that cannot run (bad top-k, empty prompt)."""
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def lens_sites(model: Model) -> list[str]:
     """Hook names read by the lens, one per depth 0..L."""
-    L = model.n_layers
-    return [f"blocks.{layer}.hook_resid_pre" for layer in range(L)] + [f"blocks.{L - 1}.hook_resid_post"]
+    return layer_hook_names("resid_pre", model.n_layers) + [hook_name("resid_post", model.n_layers - 1)]
 
 
 def lens_from_resid(model: Model, resid: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... vocab"]:
@@ -96,6 +97,9 @@ class LensResult:
             out["target_prob_max_layer"] = best
         return out
 
+    def figures(self) -> dict[str, Figure]:
+        return {"lens.png": plot_lens(self)}
+
 
 def logit_lens(
     model: Model, prompt: str | torch.Tensor, *, target: str | None = None, top_k: int = 10,
@@ -132,45 +136,3 @@ def logit_lens(
         target=target, target_id=target_id,
         target_rank=torch.stack(ranks) if ranks else None, target_prob=torch.stack(target_probs) if target_probs else None,
     )
-
-
-def plot_lens(result: LensResult) -> Any:
-    """Layers x positions grid: top-1 token text in each cell, colour = its probability."""
-    from matplotlib.figure import Figure
-
-    n_pos = len(result.str_tokens)
-    fig = Figure(figsize=(1.0 * n_pos + 2.5, 0.28 * result.n_depths + 1.8))
-    ax = fig.add_subplot()
-    probs = result.top_probs[:, :, 0].numpy()
-    image = ax.pcolormesh(probs, cmap="Blues", vmin=0.0, vmax=1.0)
-    for d in range(result.n_depths):
-        for p in range(n_pos):
-            text = repr(result.top_tokens[d][p][0])[1:-1][:9]
-            ax.text(p + 0.5, d + 0.5, text, ha="center", va="center", fontsize=6,
-                    color="white" if probs[d, p] > 0.6 else "black")
-    ax.set_xticks([p + 0.5 for p in range(n_pos)], [repr(t)[1:-1] for t in result.str_tokens], rotation=45,
-                  ha="right", fontsize=7)
-    ax.set_yticks([d + 0.5 for d in range(result.n_depths)],
-                  [("emb" if d == 0 else "final" if d == result.n_depths - 1 else str(d)) for d in range(result.n_depths)],
-                  fontsize=6)
-    ax.set_ylabel("layer (residual stream after l blocks)")
-    ax.set_title("Logit lens: top-1 token (colour = its probability)", fontsize=10)
-    fig.colorbar(image, ax=ax).set_label("p(top-1)", fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def run_logit_lens(model: Model, prompt: str, out_dir: Any, *, target: str | None = None, top_k: int = 10) -> Any:
-    """Logit lens of one prompt; writes lens.png into `out_dir`; returns an unsaved Result."""
-    import time
-    from pathlib import Path
-
-    from circuitlab.atomic import save_figure_atomically
-    from circuitlab.results import Result
-
-    start = time.perf_counter()
-    result = logit_lens(model, prompt, target=target, top_k=top_k)
-    plot = save_figure_atomically(plot_lens(result), Path(out_dir) / "lens.png", dpi=130)
-    return Result("lens", model.info(), None, {"prompt": prompt, "target": target, "top_k": top_k}, result.records(),
-                  timing_s=time.perf_counter() - start, load_s=model.load_s, summary=result.summary(),
-                  artifacts=[str(plot)])

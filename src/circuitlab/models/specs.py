@@ -43,7 +43,7 @@ class PackagedGGUF:
     def _assemble(self) -> Path | None:
         import importlib
 
-        from circuitlab.models.cache import cache_root
+        from circuitlab.models.cache import cache_root, owner_tag
 
         module = importlib.import_module(self.package)
         target = cache_root() / "gguf" / module.MODEL_NAME
@@ -53,10 +53,16 @@ class PackagedGGUF:
             module.verify_chunks()
         except (FileNotFoundError, ModuleNotFoundError):
             return None
-        # assemble() writes in place; build beside the target and rename so a crash leaves no partial file.
-        tmp = target.with_suffix(".partial")
-        module.assemble(output_path=tmp, overwrite=True)
-        tmp.replace(target)
+        # assemble() writes in place; build beside the target and rename so a crash leaves no partial file
+        # under the target's name. The partial one is named by its owner, so `cache.remove_leftovers` can
+        # tell a killed assembly from one in progress.
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f"{target.name}.{owner_tag()}.partial"
+        try:
+            module.assemble(output_path=tmp, overwrite=True)
+            tmp.replace(target)
+        finally:
+            tmp.unlink(missing_ok=True)
         return target
 
 

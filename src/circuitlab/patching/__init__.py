@@ -1,11 +1,13 @@
-"""Activation patching: sweeps over sites x layers x positions x heads, fast, with heatmaps."""
+"""Activation patching (sweeps over sites x layers x positions x heads, fast) and ROME causal tracing.
 
-from circuitlab.patching.grid import GRANULARITIES, Cell, parse_by
+Run them through `circuitlab.runner.run("patch" | "trace" | "trace/average", ...)`, or use the verbs
+directly: ``ActivationPatcher(model, prepared).sweep(site, by)`` and ``CausalTracer(...).trace(kind)``.
+"""
+
+from circuitlab.patching.causal_trace import AverageTrace, CausalTracer, TraceGrid, average_indirect_effect
 from circuitlab.patching.patcher import ActivationPatcher
 from circuitlab.patching.result import PatchingResult
-from circuitlab.patching.sites import SITES, PatchingError, Site, get_site
 
 __all__ = [
-    "ActivationPatcher", "PatchingResult", "PatchingError", "Cell", "Site", "SITES", "GRANULARITIES",
-    "get_site", "parse_by",
+    "ActivationPatcher", "PatchingResult", "CausalTracer", "TraceGrid", "average_indirect_effect", "AverageTrace",
 ]

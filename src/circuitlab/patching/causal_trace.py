@@ -1,22 +1,24 @@
-"""ROME causal tracing (Meng et al. 2022, `experiments/causal_trace.py`; seed section 2.4).
+"""ROME causal tracing (Meng et al. 2022, `experiments/causal_trace.py`; docs/METHODS.md, "Causal tracing").
 
 Corrupt: add Gaussian noise N(0, sigma^2) to the input embeddings of the subject tokens only, with
 sigma = `noise` x the standard deviation of the embedding vectors over the vocabulary (ROME: 3 x). Several
 seeded noise samples run as rows of one batch and probabilities are averaged over them.
 Restore: put back the clean value of one hidden state (layer, position) in the corrupted run:
-- "resid": the block output (hook_resid_post of block l), as ROME restores `transformer.h.{l}`;
+- "resid": the block output (resid_post of block l), as ROME restores `transformer.h.{l}`;
 - "mlp" / "attn": that component's output at position p in a window of `window` layers around l:
   layers max(0, l - window//2) .. min(L, l - window//2 + window) - 1 (ROME's window, shrinking at the edges).
 Indirect effect = p(target | corrupted + restored) - p(target | corrupted), for the *target* token.
 
-Differences from the seed's `CausalTracer`: it scores the target token (not the max probability), and each
-restore hook is built by a factory over its own (rows, positions), not a late-bound lambda that overwrites
-every hook with the last value.
+Unlike ROME's reference code this scores the target token (not the most probable one), and each restore
+hook is built by a factory over its own (rows, positions), so no hook is late-bound to another's values.
 
 Speed: a restoration at layer l changes nothing below l, so each batch restarts at the first restored layer
 from the cached corrupted residual (`LayerRestart`, which runs the bridge's own blocks and hooks) and only
 the last position is unembedded. `restored_probs(..., fast=False)` runs plain full bridge forwards with the
 noise hook instead; the tests check the two agree.
+
+Figures of these results are in `circuitlab.patching.plots`; the runs behind `circuitlab trace` in
+`circuitlab.patching.trace_analysis`.
 """
 
 from __future__ import annotations
@@ -28,29 +30,25 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float
 
-from circuitlab.errors import CircuitlabError, TaskError, TokenizationError
+from circuitlab.errors import CausalTraceError, TaskError, TokenizationError
+from circuitlab.models.hooks import hook_name, layer_hook_names
 from circuitlab.models.model import Model
 from circuitlab.patching.restart import LayerRestart
+from circuitlab.tasks.task import Task
 
 Kind = Literal["resid", "mlp", "attn"]
 KINDS: tuple[str, ...] = ("resid", "mlp", "attn")
-# The input of block 0 on the bridge: `hook_embed` is an alias of `embed.hook_out`, whose value is
-# blocks.0.hook_resid_pre (tests/unit/test_causal_trace.py checks this), so noise here reaches every block.
-NOISE_HOOK = "hook_embed"
-_RESTORE_HOOKS = {
-    "resid": "blocks.{layer}.hook_resid_post",
-    "mlp": "blocks.{layer}.hook_mlp_out",
-    "attn": "blocks.{layer}.hook_attn_out",
-}
+# The input of block 0 on the bridge: the embed hook is an alias of `embed.hook_out`, whose value is block 0's
+# resid_pre (tests/unit/patching/test_causal_trace.py checks this), so noise here reaches every block.
+NOISE_HOOK = hook_name("embed")
+# The site each kind restores (names in circuitlab.models.hooks).
+RESTORE_SITES = {"resid": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
 # ROME's six token groups for averaging over prompts of different lengths (Meng et al. 2022, Fig. 2).
 TOKEN_GROUPS: tuple[str, ...] = (
     "first subject token", "middle subject tokens", "last subject token",
     "first subsequent token", "further tokens", "last token",
 )
-
-
-class CausalTraceError(CircuitlabError):
-    """A causal-tracing request that cannot run: subject not in the prompt, unknown kind, bad window."""
+Advance = Callable[[float], None]  # a progress bar's advance(n)
 
 
 # --- inputs ----------------------------------------------------------------------------------------------
@@ -125,7 +123,7 @@ class Restoration:
 
     @property
     def hook(self) -> str:
-        return NOISE_HOOK if self.site == "embed" else _RESTORE_HOOKS[self.site].format(layer=self.layer)
+        return NOISE_HOOK if self.site == "embed" else hook_name(RESTORE_SITES[self.site], self.layer)
 
     @property
     def start_layer(self) -> int:
@@ -148,7 +146,7 @@ def kind_variant(kind: str, layer: int, positions: Sequence[int], window: int, n
     pos = tuple(positions)
     if kind == "resid":
         return (Restoration("resid", layer, pos),)
-    return tuple(Restoration(kind, j, pos) for j in window_layers(layer, window, n_layers))  # type: ignore[arg-type]
+    return tuple(Restoration(kind, j, pos) for j in window_layers(layer, window, n_layers))
 
 
 # --- results -------------------------------------------------------------------------------------------------
@@ -225,8 +223,9 @@ class CausalTracer:
         model.check_tokens(self.tokens)
         self.n_pos = int(self.tokens.shape[1])
         self.str_tokens = model.str_tokens(self.tokens[0])
-        self.subject_span = subject_token_span(model, prompt, subject) if subject_span is None else tuple(subject_span)
-        start, end = self.subject_span
+        span = subject_token_span(model, prompt, subject) if subject_span is None else subject_span
+        start, end = int(span[0]), int(span[1])
+        self.subject_span: tuple[int, int] = (start, end)
         if not 0 <= start < end <= self.n_pos:
             raise CausalTraceError(f"subject span {self.subject_span} is outside the prompt's {self.n_pos} tokens")
         self.noise, self.samples, self.seed = noise, samples, seed
@@ -240,7 +239,7 @@ class CausalTracer:
     # --- setup runs ------------------------------------------------------------------------------------------
     def _run_clean_and_corrupt(self) -> None:
         L = self.model.n_layers
-        names = {NOISE_HOOK, *(h.format(layer=layer) for h in _RESTORE_HOOKS.values() for layer in range(L))}
+        names = {NOISE_HOOK, *(name for site in RESTORE_SITES.values() for name in layer_hook_names(site, L))}
         self.restart = LayerRestart(self.model)
         with torch.no_grad():
             # One clean row: the restart records block inputs (mask, rotary) at batch size 1 and broadcasts them.
@@ -249,7 +248,7 @@ class CausalTracer:
             self.clean: dict[str, torch.Tensor] = {n: cache[n][0] for n in names}
             self.clean_prob = float(torch.softmax(logits[0, -1].float(), -1)[self.target_id])
             rows = self.tokens.expand(self.samples, -1)
-            resid_pre = [f"blocks.{layer}.hook_resid_pre" for layer in range(L)]
+            resid_pre = layer_hook_names("resid_pre", L)
             with self.bridge.hooks(fwd_hooks=[(NOISE_HOOK, self._noise_hook(self.samples))]):
                 logits, cache = self.bridge.run_with_cache(rows, names_filter=lambda n: n in resid_pre)
             self.corrupt_resid_pre = [cache[n] for n in resid_pre]  # each [samples, pos, d_model]
@@ -272,10 +271,12 @@ class CausalTracer:
         return torch.softmax(last_logits.float(), -1)[:, self.target_id]
 
     # --- restored runs ---------------------------------------------------------------------------------------
-    def restored_probs(self, variants: Sequence[Variant], *, fast: bool = True) -> torch.Tensor:
+    def restored_probs(
+        self, variants: Sequence[Variant], *, fast: bool = True, advance: Advance | None = None,
+    ) -> torch.Tensor:
         """[variant] p(target) at the last position, averaged over noise samples, for each variant of restorations.
 
-        An empty variant is the corrupted run itself.
+        An empty variant is the corrupted run itself. `advance(k)` is called after each batch of k variants.
         """
         for v in variants:
             for r in v:
@@ -291,6 +292,8 @@ class CausalTracer:
                     idx = indices[chunk:chunk + per_batch]
                     probs = self._run_variants([variants[i] for i in idx], start, fast)
                     out[idx] = probs.view(len(idx), self.samples).mean(1)
+                    if advance is not None:
+                        advance(len(idx))
         return out
 
     def _check_restoration(self, r: Restoration) -> None:
@@ -330,7 +333,7 @@ class CausalTracer:
             logits = self.bridge(self.tokens.expand(rows, -1), return_type="logits")
         return self._target_prob(logits[:, -1])
 
-    # --- the seed's API, corrected ---------------------------------------------------------------------------
+    # --- one restoration, or a grid of them ------------------------------------------------------------------
     def trace_layer(
         self, layer_idx: int, position: int | None = -1, *, kind: str = "resid", window: int = 10,
     ) -> dict[str, Any]:
@@ -351,15 +354,16 @@ class CausalTracer:
 
     def trace(
         self, kind: str = "resid", window: int = 10, *, layers: Sequence[int] | None = None,
-        positions: Sequence[int] | None = None,
+        positions: Sequence[int] | None = None, advance: Advance | None = None,
     ) -> TraceGrid:
-        """Restore each (position, layer) in turn (all of them by default); one batched sweep."""
+        """Restore each (position, layer) in turn (all of them by default); one batched sweep.
+        `advance(k)` reports k more (position, layer) cells done."""
         kind = check_kind(kind)
         L = self.model.n_layers
         layers = list(range(L)) if layers is None else list(layers)
         positions = list(range(self.n_pos)) if positions is None else [self._position(p) for p in positions]
         variants = [kind_variant(kind, layer, [p], window, L) for p in positions for layer in layers]
-        probs = self.restored_probs(variants).view(len(positions), len(layers))
+        probs = self.restored_probs(variants, advance=advance).view(len(positions), len(layers))
         return TraceGrid(kind, window, self.target, self.str_tokens, self.subject_span, self.clean_prob,
                          self.corrupt_prob, layers, positions, probs, self.samples, self.noise)
 
@@ -435,9 +439,12 @@ class AverageTrace:
 
 def average_indirect_effect(
     model: Model, facts: Sequence[Fact], kinds: Sequence[str] = KINDS, *, window: int = 10, noise: float = 3.0,
-    samples: int = 10, seed: int = 0, batch_size: int = 256, progress: Callable[[int], None] | None = None,
+    samples: int = 10, seed: int = 0, batch_size: int = 256, advance: Advance | None = None,
 ) -> dict[str, AverageTrace]:
-    """AIE per kind over `facts`: each prompt's grid is averaged into ROME's token groups, then over prompts."""
+    """AIE per kind over `facts`: each prompt's grid is averaged into ROME's token groups, then over prompts.
+
+    Prompt i draws its noise with seed `seed + i`. `advance(1)` is called after each (prompt, kind) trace.
+    """
     if not facts:
         raise TaskError("average_indirect_effect needs at least one fact prompt")
     kinds = [check_kind(k) for k in kinds]
@@ -458,21 +465,21 @@ def average_indirect_effect(
             counts[TOKEN_GROUPS.index(g)] += 1
         for kind in kinds:
             grid = tracer.trace(kind, window, positions=positions)
+            if advance is not None:
+                advance(1)
             for gi, g in enumerate(TOKEN_GROUPS):
                 rows = [r for r, p in enumerate(positions) if g in token_groups(p, tracer.subject_span, tracer.n_pos)]
                 if rows:
                     sums[kind][gi] += grid.effect[rows].mean(0)
-        if progress is not None:
-            progress(i + 1)
     denom = torch.tensor(counts, dtype=torch.float32).unsqueeze(1)
     return {k: AverageTrace(k, window, list(range(L)), sums[k] / denom, counts, clean, corrupt) for k in kinds}
 
 
-def facts_from_task(task: Any) -> list[Fact]:
+def facts_from_task(task: Task) -> list[Fact]:
     """Fact prompts from a Task whose examples carry meta['subject'] (the `facts` task)."""
     facts = []
     for i, ex in enumerate(task.examples):
-        subject = ex.meta.get("subject")
+        subject = ex.subject
         if not subject:
             raise TaskError(
                 f"example {i} of task {task.name!r} has no meta['subject']; causal tracing needs the subject "
@@ -480,102 +487,3 @@ def facts_from_task(task: Any) -> list[Fact]:
             )
         facts.append(Fact(ex.clean, subject, ex.answer[0]))
     return facts
-
-
-# --- figures -------------------------------------------------------------------------------------------------
-_CMAPS = {"resid": "Purples", "mlp": "Greens", "attn": "Reds"}  # ROME's colours
-_TITLES = {"resid": "single restored layer", "mlp": "restored MLP outputs", "attn": "restored attention outputs"}
-
-
-def plot_trace(grid: TraceGrid) -> Any:
-    """ROME-style heatmap: rows = tokens (subject marked '*'), columns = layers, colour = indirect effect."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(0.22 * len(grid.layers) + 2.5, 0.32 * len(grid.positions) + 1.6))
-    ax = fig.add_subplot()
-    image = ax.pcolormesh(grid.effect.numpy(), cmap=_CMAPS[grid.kind], vmin=min(0.0, float(grid.effect.min())))
-    ax.invert_yaxis()
-    ax.set_yticks([i + 0.5 for i in range(len(grid.positions))], grid.token_labels())
-    step = max(1, len(grid.layers) // 10)
-    ax.set_xticks([i + 0.5 for i in range(0, len(grid.layers), step)], [str(x) for x in grid.layers[::step]])
-    window = "" if grid.kind == "resid" else f", window {grid.window}"
-    ax.set_title(f"Causal trace: {_TITLES[grid.kind]}{window}", fontsize=10)
-    ax.set_xlabel(f"layer (clean p = {grid.clean_prob:.3f}, corrupted p = {grid.corrupt_prob:.3f})", fontsize=8)
-    fig.colorbar(image, ax=ax).set_label(f"indirect effect on p({grid.target!r})", fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def plot_average(avg: AverageTrace) -> Any:
-    """AIE heatmap over ROME's token groups x layers."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(0.22 * len(avg.layers) + 3.5, 3.2))
-    ax = fig.add_subplot()
-    image = ax.pcolormesh(avg.effect.nan_to_num(0.0).numpy(), cmap=_CMAPS[avg.kind])
-    ax.invert_yaxis()
-    ax.set_yticks([i + 0.5 for i in range(len(TOKEN_GROUPS))], [f"{g} (n={n})" for g, n in zip(TOKEN_GROUPS, avg.counts, strict=True)])
-    step = max(1, len(avg.layers) // 10)
-    ax.set_xticks([i + 0.5 for i in range(0, len(avg.layers), step)], [str(x) for x in avg.layers[::step]])
-    ax.set_xlabel("layer")
-    window = "" if avg.kind == "resid" else f", window {avg.window}"
-    ax.set_title(f"Average indirect effect: {_TITLES[avg.kind]}{window} ({len(avg.clean_probs)} prompts)", fontsize=10)
-    fig.colorbar(image, ax=ax).set_label("AIE on p(target)", fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-# --- command-level runs (results.json records + PNG artifacts) ---------------------------------------------------
-def run_causal_trace(
-    model: Model, prompt: str, subject: str, target: str, kinds: Sequence[str], out_dir: Any, *, window: int = 10,
-    noise: float = 3.0, samples: int = 10, seed: int = 0,
-) -> Any:
-    """Trace one prompt for each kind; writes trace_{kind}.png into `out_dir`; returns an unsaved Result."""
-    import time
-    from pathlib import Path
-
-    from circuitlab.atomic import save_figure_atomically
-    from circuitlab.results import Result
-
-    kinds = [check_kind(k) for k in kinds]
-    start = time.perf_counter()
-    tracer = CausalTracer(model, prompt, subject, target, noise=noise, samples=samples, seed=seed)
-    records: list[dict[str, Any]] = []
-    summary: dict[str, Any] = {"clean_prob": tracer.clean_prob, "corrupt_prob": tracer.corrupt_prob,
-                               "subject_tokens": tracer.str_tokens[slice(*tracer.subject_span)], "sigma": tracer.sigma}
-    artifacts = []
-    for kind in kinds:
-        grid = tracer.trace(kind, window)
-        records += grid.records()
-        summary.update(grid.summary())
-        artifacts.append(str(save_figure_atomically(plot_trace(grid), Path(out_dir) / f"trace_{kind}.png", dpi=130)))
-    params = {"prompt": prompt, "subject": subject, "target": target, "kinds": kinds, "window": window,
-              "noise": noise, "samples": samples, "subject_span": list(tracer.subject_span)}
-    return Result("trace", model.info(), None, params, records, seed=seed, timing_s=time.perf_counter() - start,
-                  load_s=model.load_s, summary=summary, artifacts=artifacts)
-
-
-def run_average_trace(
-    model: Model, task: Any, kinds: Sequence[str], out_dir: Any, *, window: int = 10, noise: float = 3.0,
-    samples: int = 10, seed: int = 0, progress: Callable[[int], None] | None = None,
-) -> Any:
-    """Average indirect effect over a task with meta['subject']; writes aie_{kind}.png; returns a Result."""
-    import time
-    from pathlib import Path
-
-    from circuitlab.atomic import save_figure_atomically
-    from circuitlab.results import Result
-
-    kinds = [check_kind(k) for k in kinds]
-    facts = facts_from_task(task)
-    start = time.perf_counter()
-    averages = average_indirect_effect(model, facts, kinds, window=window, noise=noise, samples=samples, seed=seed,
-                                       progress=progress)
-    records, summary, artifacts = [], {}, []
-    for kind, avg in averages.items():
-        records += avg.records()
-        summary.update(avg.summary())
-        artifacts.append(str(save_figure_atomically(plot_average(avg), Path(out_dir) / f"aie_{kind}.png", dpi=130)))
-    params = {"kinds": kinds, "window": window, "noise": noise, "samples": samples}
-    return Result("trace", model.info(), task.info(), params, records, seed=seed, timing_s=time.perf_counter() - start,
-                  load_s=model.load_s, summary=summary, artifacts=artifacts)

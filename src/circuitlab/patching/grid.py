@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from circuitlab.patching.sites import PatchingError, Site
+from circuitlab.errors import PatchingError
+from circuitlab.models.hooks import Site
 
 GRANULARITIES: tuple[tuple[str, ...], ...] = (("layer", "pos"), ("layer",), ("layer", "head"), ("layer", "head", "pos"))
 
@@ -39,13 +40,19 @@ def parse_by(by: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     raise PatchingError(f"unsupported granularity {by!r}; choose one of: {choices}")
 
 
+def check_heads(by: tuple[str, ...], site: Site) -> None:
+    """A per-head granularity needs a site with heads."""
+    if "head" in by and not site.has_heads:
+        raise PatchingError(f"site {site.name!r} has no heads; use --by layer,pos or layer (head sites: z, q, k, v, "
+                            "pattern)")
+
+
 def make_cells(
     by: tuple[str, ...], site: Site, *, n_layers: int, n_pos: int, n_heads: int,
     layers: list[int] | None = None, positions: list[int] | None = None, heads: list[int] | None = None,
 ) -> list[Cell]:
     """Every cell of the sweep, layer-major, validated against the model and prompt shape."""
-    if "head" in by and not site.has_heads:
-        raise PatchingError(f"site {site.name!r} has no heads; use --by layer,pos or layer (head sites: z, q, k, v, pattern)")
+    check_heads(by, site)
     layer_list = _checked("layer", layers, n_layers)
     pos_list = _checked("position", positions, n_pos) if "pos" in by else [None]
     head_list = _checked("head", heads, n_heads, hint=_head_hint(site)) if "head" in by else [None]

@@ -1,4 +1,5 @@
-"""`ActivationPatcher`: activation patching sweeps over a `Model` and a prepared `Task`, fast.
+"""`ActivationPatcher`: activation patching sweeps over a `Model` and a prepared `Task`, fast
+(docs/METHODS.md, "Activation patching").
 
 Same numbers as transformer_lens.patching (one full forward per cell), computed with less work:
 1. Restart at the patched layer: a patch at layer l leaves layers < l unchanged, so each patched run starts
@@ -15,18 +16,21 @@ Same numbers as transformer_lens.patching (one full forward per cell), computed 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from circuitlab.errors import TokenizationError
+from circuitlab.errors import PatchingError, TokenizationError
+from circuitlab.models.hooks import Site, hook_name, layer_hook_names
 from circuitlab.models.model import Model
 from circuitlab.patching.grid import Cell, cell_mask, make_cells, parse_by
 from circuitlab.patching.restart import LayerRestart
 from circuitlab.patching.result import PatchingResult
-from circuitlab.patching.sites import PatchingError, Site, get_site, n_site_heads
+from circuitlab.patching.sites import get_site, n_site_heads
+from circuitlab.progress import progress_bar
 from circuitlab.tasks.task import PreparedTask, TaskBatch
 
 DIRECTIONS = {"denoise": "denoise", "denoising": "denoise", "noise": "noise", "noising": "noise"}
@@ -76,7 +80,7 @@ class ActivationPatcher:
         """Patch every cell of `site` at granularity `by`; `layers`/`positions`/`heads` restrict the sweep."""
         spec = get_site(site, self.model)
         axes = parse_by(by)
-        mode = _direction(direction)
+        mode = check_direction(direction)
         batches = self.prepared.batches
         if "pos" in axes and len(batches) > 1:
             self.prepared.single_batch()  # raises: positions must mean the same thing in every prompt
@@ -89,7 +93,7 @@ class ActivationPatcher:
         clean, corrupt = torch.empty(n), torch.empty(n)
         stats = {"rows": 0, "forwards": 0, "cells_skipped": 0}
         total_rows = len(cells) * n
-        with self._progress_bar(f"patching {site} ({','.join(axes)})", total_rows) as advance:
+        with self._progress_bar(f"patching {site} by {','.join(axes)}", total_rows) as advance:
             for index, batch in enumerate(batches):
                 runs = self._unpatched(index, batch, spec)
                 cols = torch.tensor(batch.indices)
@@ -106,7 +110,7 @@ class ActivationPatcher:
     @torch.no_grad()
     def _sweep_batch(
         self, batch: TaskBatch, runs: _Runs, site: Site, cells: list[Cell], mode: str, n_heads: int,
-        stats: dict[str, int], advance: Any,
+        stats: dict[str, int], advance: Callable[[float], None],
     ) -> torch.Tensor:
         receiving, donor = (runs.corrupt, runs.clean) if mode == "denoise" else (runs.clean, runs.corrupt)
         baseline = runs.corrupt_metric if mode == "denoise" else runs.clean_metric
@@ -119,7 +123,7 @@ class ActivationPatcher:
             differs = (donor[hook] != receiving[hook]).flatten(start_dim=masks.ndim).any(-1).any(0)
             live = (masks & differs).flatten(1).any(1)
             stats["cells_skipped"] += int((~live).sum())
-            advance(int((~live).sum()) * batch.size)
+            advance(int((~live).sum()) * batch.size)  # skipped cells count as done (keeps the ETA honest)
             live_cells = [i for i, keep in zip(at_layer, live.tolist(), strict=True) if keep]
             live_masks = masks[live]
             # Rows: (cell, prompt) pairs, cell-major; chunked to the memory budget.
@@ -154,7 +158,7 @@ class ActivationPatcher:
             if not self.restart:
                 tokens = batch.corrupt if receiving is runs.corrupt else batch.clean
                 return self.prepared.metric(self.model.bridge(tokens[p_idx], return_type="logits"), sub)
-            resid = receiving[f"blocks.{layer}.hook_resid_pre"][p_idx]
+            resid = receiving[hook_name("resid_pre", layer)][p_idx]
             if self._answer_only(batch):
                 logits = runs.restart.run(layer, resid, answer_pos=sub.answer_pos)
                 return self.prepared.metric(logits, replace(sub, answer_pos=torch.zeros_like(sub.answer_pos)))
@@ -167,7 +171,7 @@ class ActivationPatcher:
     def _unpatched(self, index: int, batch: TaskBatch, site: Site) -> _Runs:
         """Clean and corrupt runs of one prompt group, cached with every hook this and earlier sweeps need."""
         self._sites.add(site)
-        names = {f"blocks.{layer}.hook_resid_pre" for layer in range(self.model.n_layers)}
+        names = set(layer_hook_names("resid_pre", self.model.n_layers))
         names |= {s.hook_name(layer) for s in self._sites for layer in range(self.model.n_layers)}
         runs = self._runs.get(index)
         if runs is not None and names <= runs.clean.keys():
@@ -189,32 +193,18 @@ class ActivationPatcher:
         self._runs[index] = runs
         return runs
 
-    def _progress_bar(self, label: str, total: int) -> Any:
-        return _ProgressContext(label, total, enabled=self.progress)
+    @contextmanager
+    def _progress_bar(self, label: str, total: int) -> Iterator[Callable[[float], None]]:
+        """A bar with an ETA over the patched rows (`circuitlab.progress`); a no-op with progress=False."""
+        if not self.progress:
+            yield lambda _n: None
+            return
+        with progress_bar(total, label) as advance:
+            yield advance
 
 
-class _ProgressContext:
-    """A rich progress bar (transient) whose `advance(n)` callable is yielded; a no-op when disabled."""
-
-    def __init__(self, label: str, total: int, *, enabled: bool) -> None:
-        self.label, self.total, self.enabled = label, total, enabled
-        self.bar: Progress | None = None
-
-    def __enter__(self) -> Any:
-        if not self.enabled:
-            return lambda n: None
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), transient=True)
-        self.bar.start()
-        task = self.bar.add_task(self.label, total=self.total)
-        return lambda n: self.bar.advance(task, n) if n else None
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
-def _direction(direction: str) -> str:
+def check_direction(direction: str) -> str:
+    """'denoise' or 'noise' (also accepted: 'denoising', 'noising'); a PatchingError otherwise."""
     if direction not in DIRECTIONS:
         raise PatchingError(f"unknown direction {direction!r}; use 'denoise' (clean into corrupt) or 'noise' "
                             "(corrupt into clean)")

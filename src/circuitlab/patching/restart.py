@@ -11,7 +11,8 @@ rebuilding these, `capture()` records the keyword arguments every block received
 forward, and `run()` replays them. That is valid because circuitlab batches hold prompts of one token length
 with no padding, so the mask and positions are the same for every row: row 0's values are broadcast to any
 batch size. Record at batch size 1 (callers do): `_fit` treats a leading dim equal to the recorded batch size
-as the batch dim, which is only unambiguous at 1. tests/unit/test_patching_restart.py checks restart == full forward on a toy model and on SmolLM2.
+as the batch dim, which is only unambiguous at 1. tests/unit/patching/test_restart.py and
+tests/integration/patching/test_patching.py check restart == full forward on toy models and on SmolLM2.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 
+from circuitlab.errors import PatchingError
 from circuitlab.models.model import Model
-from circuitlab.patching.sites import PatchingError
 
 # Block kwargs that carry generation state; a restarted, one-shot forward must not use or extend a KV cache.
 _DROP = {"past_key_values": None, "past_key_value": None, "use_cache": False}

@@ -14,6 +14,17 @@ from circuitlab.errors import AnalysisError
 
 _TABLE: dict[str, str] = {
     "eval": "circuitlab.tasks.evaluate:EVAL",
+    "attribute/dla": "circuitlab.attribution.analysis:DLA",
+    "attribute/ig": "circuitlab.attribution.analysis:IG",
+    "attribute/rollout": "circuitlab.attribution.analysis:ROLLOUT",
+    "attribute/flow": "circuitlab.attribution.analysis:FLOW",
+    "attribute/attn-grad": "circuitlab.attribution.analysis:ATTN_GRAD",
+    "attribute/atp": "circuitlab.attribution.analysis:ATP",
+    "lens": "circuitlab.lens.analysis:LENS",
+    "patch": "circuitlab.patching.analysis:PATCH",
+    "trace": "circuitlab.patching.trace_analysis:TRACE",
+    "trace/average": "circuitlab.patching.trace_analysis:TRACE_AVERAGE",
+    "path-patch": "circuitlab.graph.analysis:PATH_PATCH",
 }
 
 

@@ -2,7 +2,8 @@
 
 Order of work (each step only once the previous one passed):
 
-1. look the analysis up and build its options (validated, no model needed);
+1. look the analysis up and build its options (validated, no model needed); check the model spec (known
+   name, readable files, reachable hub) without loading it;
 2. describe the task and validate it (name, file, metric, n);
 3. check `out` (not a file, writable, empty or a circuitlab run that `force` may replace) and lock it;
 4. load the model (timed as `load_s`), build the task;
@@ -15,12 +16,13 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from circuitlab.analysis import Analysis
 from circuitlab.errors import AnalysisError
+from circuitlab.models.loading import check_spec
 from circuitlab.models.model import Model
 from circuitlab.models.specs import DEFAULT_SPEC
 from circuitlab.results import AnalysisResult, Result
@@ -72,7 +74,11 @@ def run(analysis: str, *, model: str | Model = DEFAULT_SPEC, task: str | Task | 
     `CircuitlabError` naming the fix.
     """
     entry = get_analysis(analysis)
+    if "seed" in {f.name for f in fields(entry.params)}:  # randomised analyses (e.g. trace noise) get the seed
+        options = {**options, "seed": seed}
     params = entry.make_params(options)
+    if not isinstance(model, Model):
+        check_spec(model)  # file headers, known names, offline hub ids: milliseconds, no torch import
     source = _task_source(entry, params, task, n=n, seed=seed, metric=metric, task_options=task_options)
     rundir = RunDirectory(out, force=force) if out is not None else None
     with rundir if rundir is not None else nullcontext():

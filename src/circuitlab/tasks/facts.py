@@ -3,8 +3,8 @@
 Each fact is (relation template, subject, one-token answer). The corrupt prompt is the same relation with
 another subject of the same token length whose answer differs ("The capital of Italy is"), so positions
 align and the wrong answer (" Rome") is what the model says on the corrupt prompt. Every example records
-its subject and the subject's token span [subject_start, subject_end) in positions that count BOS, in
-`meta` and in `meta["extra"]` (so batches carry it as tensors): causal tracing adds noise there.
+its `subject` and the subject's token span [subject_start, subject_end) in positions that count BOS, in
+`Example.extra` (so batches carry it as tensors): causal tracing adds noise there.
 
 FACTS holds only facts that SmolLM2-135M answers right top-1 (checked when this module was written, from
 146 candidates, 82 kept); `check=True` re-checks them with the given model at run time.
@@ -172,14 +172,14 @@ def make_facts(
     for i in order:
         t, partners = usable[i]
         p = rng.choice(partners)
-        span = {"subject_start": t.subject_start, "subject_end": t.subject_end}
+        span: dict[str, list | int] = {"subject_start": t.subject_start, "subject_end": t.subject_end}
         examples.append(Example(
             clean=t.fact.prompt, corrupt=p.fact.prompt, answer=[t.fact.answer], wrong=[p.fact.answer],
-            meta={"subject": t.fact.subject, "corrupt_subject": p.fact.subject, "relation": t.fact.relation,
-                  **span, "extra": span},
+            subject=t.fact.subject, extra=span,
+            meta={"corrupt_subject": p.fact.subject, "relation": t.fact.relation},
         ))
     return Task(
         name="facts", examples=examples, metric="logit_diff",
-        description="facts: logit(answer) - logit(corrupt subject's answer); subject span in meta",
+        description="facts: logit(answer) - logit(corrupt subject's answer); subject span in extra",
         params={"n": len(examples), "seed": seed, "check": check, "n_facts": len(pool)},
     )

@@ -112,7 +112,7 @@ def make_greater_than(model: Model, *, n: int = 64, seed: int = 0) -> Task:
         examples.append(Example(
             clean=clean, corrupt=corrupt,
             answer=[str(u) for u in range(u0 + 1, 10)], wrong=[str(u) for u in range(u0)],
-            meta={"extra": {"yy": 10 * t + u0, "digit_ids": digits}, "noun": noun, "start": int(start)},
+            extra={"yy": 10 * t + u0, "digit_ids": digits}, meta={"noun": noun, "start": int(start)},
         ))
     return Task(
         name="greater-than", examples=examples, metric="greater_than_prob_diff",

@@ -5,7 +5,8 @@ random tokens (nothing repeats, so nothing can be copied). Scored positions are 
 second copy: at position L + k the current token t_k occurred before at position k, followed by t_{k+1}
 (for k = L the follower is the first token of the second copy, t_1), so an induction head can predict it.
 The metric `induction_logprob` is the mean log-prob of those targets; the corrupt run is scored on the
-same targets. The task is token-level: ids travel in `Example.meta` (decoded text would not round-trip).
+same targets. The task is token-level: ids travel in `Example.clean_ids` / `corrupt_ids` / `targets`
+(decoded text would not round-trip).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def induction_logprob(logits: torch.Tensor, batch: TaskBatch) -> Float[torch.Ten
     if batch.targets is None:
         raise MetricError(
             "induction_logprob scores per-position targets, but this task has none; use it with the "
-            "'induction' task (or give examples meta['targets'] with -1 for unscored positions)"
+            "'induction' task (or give each Example `targets`, with -1 for unscored positions)"
         )
     logp = torch.log_softmax(logits, -1)  # [batch, pos, vocab]
     mask = batch.targets >= 0
@@ -100,7 +101,7 @@ def make_induction(model: Model, *, n: int = 32, seed: int = 0, seq_len: int = 1
         examples.append(Example(
             clean=model.decode(clean), corrupt=model.decode(corrupt),
             answer=[model.decode(first[:1])], wrong=[],
-            meta={"clean_ids": clean, "corrupt_ids": corrupt, "answer_ids": [first[0]], "targets": targets},
+            clean_ids=clean, corrupt_ids=corrupt, answer_ids=[first[0]], targets=targets,
         ))
     return Task(
         name="induction", examples=examples, metric="induction_logprob", single_token_answers=True,

@@ -1,4 +1,5 @@
-"""Document question answering: copy a one-token answer from a short document (the seed's section 6.2).
+"""Document question answering: copy a one-token answer from a short document (docs/METHODS.md,
+"Tasks and metrics").
 
 "Document: Alice works at Google in London. Question: Which company does Alice work for? Answer:" ->
 " Google". Corrupt: the same prompt with the answer entity in the document replaced by another entity of

@@ -9,7 +9,7 @@ mean the same thing inside each batch and no attention mask is needed.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import KW_ONLY, asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -20,22 +20,94 @@ from circuitlab.models.model import Model
 from circuitlab.tasks.metrics import get_metric
 from circuitlab.tasks.options import check_n
 
+# Example fields that analyses read; anything else a task carries is free-form `meta`.
+STRUCTURAL_FIELDS = ("clean_ids", "corrupt_ids", "answer_ids", "wrong_ids", "answer_pos", "targets", "subject",
+                     "extra")
+
 
 @dataclass
 class Example:
-    """One contrastive pair. `answer`/`wrong` are answer sets (lists of strings, each one token)."""
+    """One contrastive pair. `answer`/`wrong` are answer sets (lists of strings, each one token).
+
+    Optional structural fields, read by `Task.prepare` and the analyses:
+    - clean_ids, corrupt_ids: the prompts as token ids, used as given (no BOS is added), for token-level
+      tasks whose text would not round-trip through the tokenizer (induction on random tokens);
+    - answer_ids, wrong_ids: the answer sets as token ids (instead of tokenizing `answer` / `wrong`);
+    - answer_pos: the position whose next-token logits are scored (default: the last; negative counts
+      from the end);
+    - targets: one token id per clean position for per-position metrics, -1 where not scored;
+    - subject: the subject string as written in the clean prompt (causal tracing noises it);
+    - extra: per-example numbers that batches carry as tensors for a task's own metric.
+    `meta` holds free-form fields only (a template index, the names used, ...); no analysis reads it.
+    """
 
     clean: str
     corrupt: str
     answer: list[str]
     wrong: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    _: KW_ONLY
+    clean_ids: list[int] | None = None
+    corrupt_ids: list[int] | None = None
+    answer_ids: list[int] | None = None
+    wrong_ids: list[int] | None = None
+    answer_pos: int | None = None
+    targets: list[int] | None = None
+    subject: str | None = None
+    extra: dict[str, list | int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.answer, str):
             self.answer = [self.answer]
         if isinstance(self.wrong, str):
             self.wrong = [self.wrong]
+        if not isinstance(self.meta, dict):
+            raise TaskError(f"field 'meta' must be a dict of free-form fields, got {type(self.meta).__name__}")
+        # Before these fields existed, tasks put them in `meta`; that spelling still works.
+        if any(key in self.meta for key in STRUCTURAL_FIELDS):
+            self.meta = dict(self.meta)
+            for key in STRUCTURAL_FIELDS:
+                if key in self.meta:
+                    value = self.meta.pop(key)
+                    if getattr(self, key) in (None, {}):
+                        setattr(self, key, value)
+        _check_example_types(self)
+
+
+def _check_example_types(ex: Example) -> None:
+    """TaskError naming the field whose value has the wrong type (JSON files can hold anything)."""
+    def fail(name: str, want: str, value: object) -> None:
+        raise TaskError(f"field {name!r} must be {want}, got {type(value).__name__} {_short(value)}")
+
+    for name in ("clean", "corrupt"):
+        if not isinstance(getattr(ex, name), str):
+            fail(name, "a string", getattr(ex, name))
+    for name in ("answer", "wrong"):
+        value = getattr(ex, name)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            fail(name, "a string or a list of strings", value)
+    for name in ("clean_ids", "corrupt_ids", "answer_ids", "wrong_ids", "targets"):
+        value = getattr(ex, name)
+        if value is not None and not (isinstance(value, list) and all(_is_int(v) for v in value)):
+            fail(name, "a list of integer token ids", value)
+    if ex.answer_pos is not None and not _is_int(ex.answer_pos):
+        fail("answer_pos", "an integer position", ex.answer_pos)
+    if ex.subject is not None and not isinstance(ex.subject, str):
+        fail("subject", "a string", ex.subject)
+    if not isinstance(ex.extra, dict) or not all(
+        isinstance(k, str) and (_is_int(v) or (isinstance(v, list) and all(_is_int(x) for x in v)))
+        for k, v in ex.extra.items()
+    ):
+        fail("extra", "an object of integers or lists of integers", ex.extra)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass
@@ -161,8 +233,9 @@ class PreparedTask:
             lengths = sorted({b.n_pos for b in self.batches})
             raise TokenizationError(
                 f"this analysis needs prompts of one token length, but task {self.task.name!r} has lengths "
-                f"{lengths} under {self.model_spec}; use a single template (e.g. --template) or keep one group "
-                "with PreparedTask.largest_group()"
+                f"{lengths} under {self.model_spec}; pass a task file (--task) whose prompts all have one token "
+                "length, or --n 1 for a single prompt (from Python, PreparedTask.largest_group() keeps the "
+                "largest group)"
             )
         return self.batches[0]
 
@@ -194,36 +267,60 @@ class PreparedTask:
 
 
 def _tokenize_example(task: Task, model: Model, i: int, ex: Example) -> dict:
+    where = f"example {i} of task {task.name!r}"
     # Token-level tasks (e.g. induction on random tokens) carry their ids; text would not round-trip.
-    clean = list(ex.meta["clean_ids"]) if "clean_ids" in ex.meta else model.encode(ex.clean)
-    corrupt = list(ex.meta["corrupt_ids"]) if "corrupt_ids" in ex.meta else model.encode(ex.corrupt)
+    clean = list(ex.clean_ids) if ex.clean_ids is not None else model.encode(ex.clean)
+    corrupt = list(ex.corrupt_ids) if ex.corrupt_ids is not None else model.encode(ex.corrupt)
     for label, ids in (("clean", clean), ("corrupt", corrupt)):
+        if not ids:
+            raise TaskError(f"{where}: the {label} prompt is empty; give it text or token ids")
         if len(ids) > model.n_ctx:
             raise TaskError(
-                f"example {i} of task {task.name!r}: the {label} prompt is {len(ids)} tokens, longer than "
+                f"{where}: the {label} prompt is {len(ids)} tokens, longer than "
                 f"{model.spec}'s context of {model.n_ctx}; shorten it"
             )
+        _check_vocab(model, where, f"{label} prompt", ids)
     if task.align and len(clean) != len(corrupt):
         raise TokenizationError(
-            f"example {i} of task {task.name!r}: clean and corrupt prompts must have the same token length "
+            f"{where}: clean and corrupt prompts must have the same token length "
             f"so positions align, but clean is {len(clean)} tokens {model.str_tokens(clean)} and corrupt is "
             f"{len(corrupt)} tokens {model.str_tokens(corrupt)}; pick a corruption with the same tokenization"
         )
-    if not ex.answer:
-        raise TaskError(f"example {i} of task {task.name!r} has no answer")
-    if "answer_ids" in ex.meta:
-        answers, wrong = list(ex.meta["answer_ids"]), list(ex.meta.get("wrong_ids", []))
+    if not ex.answer and not ex.answer_ids:
+        raise TaskError(f"{where} has no answer; give 'answer' (text) or 'answer_ids'")
+    if ex.answer_ids:
+        answers, wrong = list(ex.answer_ids), list(ex.wrong_ids or [])
     elif task.single_token_answers:
         answers = [model.single_token_id(a) for a in ex.answer]
-        wrong = [model.single_token_id(w) for w in ex.wrong]
+        wrong = list(ex.wrong_ids) if ex.wrong_ids is not None else [model.single_token_id(w) for w in ex.wrong]
     else:  # first token of each answer string
         answers = [model.encode(a, bos=False)[0] for a in ex.answer]
-        wrong = [model.encode(w, bos=False)[0] for w in ex.wrong]
+        wrong = list(ex.wrong_ids) if ex.wrong_ids is not None else [model.encode(w, bos=False)[0] for w in ex.wrong]
+    _check_vocab(model, where, "answer", answers)
+    _check_vocab(model, where, "wrong answer", wrong)
+    answer_pos = len(clean) - 1 if ex.answer_pos is None else ex.answer_pos
+    if not -len(clean) <= answer_pos < len(clean):
+        raise TaskError(f"{where}: answer_pos {answer_pos} is outside the clean prompt's {len(clean)} tokens")
+    targets = ex.targets
+    if targets is not None:
+        if len(targets) != len(clean):
+            raise TaskError(f"{where}: targets has {len(targets)} entries but the clean prompt has {len(clean)} "
+                            "tokens; give one target id per position (-1 where not scored)")
+        _check_vocab(model, where, "target", [t for t in targets if t != -1])
     return {
         "clean": clean, "corrupt": corrupt, "answers": answers, "wrong": wrong,
-        "answer_pos": ex.meta.get("answer_pos", len(clean) - 1),
-        "targets": ex.meta.get("targets"), "extra": ex.meta.get("extra", {}),
+        "answer_pos": answer_pos % len(clean), "targets": targets, "extra": ex.extra,
     }
+
+
+def _check_vocab(model: Model, where: str, label: str, ids: list[int]) -> None:
+    """Ids index the model's logits (width d_vocab): one outside is a TaskError, not an index error."""
+    bad = [t for t in ids if not 0 <= t < model.d_vocab]
+    if bad:
+        raise TaskError(
+            f"{where}: {label} token id {bad[0]} is outside {model.spec}'s vocabulary (ids 0 to "
+            f"{model.d_vocab - 1}); token ids must come from this model's tokenizer"
+        )
 
 
 def _pad(lists: list[list[int]]) -> torch.Tensor:

@@ -45,6 +45,8 @@ def test_gguf_to_cache_to_reload_gives_identical_logits(tmp_path, monkeypatch, s
     cold = load_model("smollm2-135m")
     entry = cache.cached_dir(cache.cache_key(gguf))
     assert entry is not None and (entry / "model.safetensors").is_file()
+    assert "model.safetensors" in cache.read_manifest(entry)["files"]  # size and sha256 recorded with the entry
+    cache.check_entry(entry)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
     start = time.perf_counter()
     warm = load_model("smollm2-135m")
@@ -57,9 +59,10 @@ def test_gguf_to_cache_to_reload_gives_identical_logits(tmp_path, monkeypatch, s
     assert (a - c).abs().max().item() <= 1e-4
 
 
-def test_gguf_file_path_spec_loads(smollm):
+def test_gguf_file_path_spec_loads(smollm, capfd):
     gguf = KNOWN_SPECS["smollm2-135m"].gguf_path()
     m = load_model(str(gguf))  # served from the same cache entry as the named spec
+    assert "Loading weights" not in capfd.readouterr().err  # transformers' own bars are silenced
     tokens = smollm.to_tokens(PROMPT)
     with torch.no_grad():
         assert torch.equal(m.logits(tokens), smollm.logits(tokens))

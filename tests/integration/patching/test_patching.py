@@ -78,3 +78,14 @@ def test_ioi_signal_moves_from_s2_to_final_position(smollm, ioi):
     assert result.pos_labels[S2_POS].strip() == ioi.task.examples[0].meta["s"]
     assert int(grid[18].argmax()) == S2_POS and grid[18, S2_POS] > 0.1
     assert int(grid[27].argmax()) == FINAL_POS and grid[27, FINAL_POS] > 0.8
+
+
+def test_run_patch_on_ioi_keeps_one_template_for_positions(smollm):
+    # `--task ioi --by layer,pos` without templates: positions must align, so the runner keeps template 0.
+    from circuitlab.runner import run
+
+    done = run("patch", model=smollm, task="ioi", n=3, site="resid_pre", by="layer,pos", layers=[27])
+    assert done.task is not None and done.task.params.get("templates") == [0]
+    assert len(done.result.records) == len(done.output.sweep.pos_labels)
+    best = max(done.result.records, key=lambda r: r["value"])
+    assert best["pos"] == FINAL_POS and best["value"] > 0.8  # layer 27: the final position carries the signal

@@ -1,4 +1,5 @@
-"""`circuitlab patch` on a toy native model saved to disk: results.json records, heatmaps, bad input."""
+"""`circuitlab patch` on a toy native model saved to disk: results.json records, heatmaps, reusing --out,
+bad input."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ def test_patch_writes_records_and_heatmap(tmp_path, toy_dir, short_task_file):
     layer0_bos = next(r for r in result.records if r["layer"] == 0 and r["pos"] == 0)
     assert layer0_bos["value"] == pytest.approx(0.0, abs=1e-6)  # BOS is identical in clean and corrupt
     assert (out / "heatmap_resid_pre_layer_pos.png").stat().st_size > 1000
+    assert sorted(result.artifacts) == ["heatmap_resid_pre_layer_pos.png", "patching.json"]
+    assert result.params["by"] == "layer,pos" and result.params["max_batch"] == 5
 
 
 def test_patch_heads_noising(tmp_path, toy_dir, short_task_file):
@@ -46,12 +49,48 @@ def test_patch_heads_noising(tmp_path, toy_dir, short_task_file):
     assert (out / "heatmap_z_layer_head.png").exists()
 
 
+def test_patch_by_layer_heatmap_is_named_for_what_it_shows(tmp_path, toy_dir, short_task_file):
+    out = tmp_path / "layers"
+    res = runner.invoke(app, ["patch", "--model", str(toy_dir), "--task", str(short_task_file), "--site", "attn_out",
+                              "--by", "layer", "--per-prompt", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    result = load_results(out)
+    assert len(result.records) == 2 * 2 and {r["prompt"] for r in result.records} == {0, 1}  # layers x prompts
+    assert (out / "heatmap_attn_out_layer.png").stat().st_size > 1000
+    assert not (out / "heatmap_attn_out_layer_pos.png").exists()
+
+
+def test_second_run_into_the_same_out_needs_force(tmp_path, toy_dir, short_task_file):
+    out = tmp_path / "reuse"
+    base = ["patch", "--model", str(toy_dir), "--task", str(short_task_file), "--out", str(out)]
+    assert runner.invoke(app, [*base, "--site", "resid_pre"]).exit_code == 0
+    first = (out / "results.json").read_text()
+    res = runner.invoke(app, [*base, "--site", "z", "--by", "layer,head"])
+    assert res.exit_code == 2 and "--force" in " ".join(res.output.split())
+    assert (out / "results.json").read_text() == first  # the first run is intact, nothing of the second
+    assert sorted(p.name for p in out.glob("*.png")) == ["heatmap_resid_pre_layer_pos.png"]
+    res = runner.invoke(app, [*base, "--site", "z", "--by", "layer,head", "--force"])
+    assert res.exit_code == 0, res.output
+    assert load_results(out).params["site"] == "z"
+    # Replaced whole: the first run's heatmap is gone, so the report cannot show it.
+    assert sorted(p.name for p in out.glob("*.png")) == ["heatmap_z_layer_head.png"]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--site", "resid_middle"], "unknown patching site"),
     (["--site", "resid_pre", "--by", "layer,head"], "has no heads"),
     (["--direction", "up"], "unknown direction"),
+    (["--by", "pos"], "unsupported granularity"),
+    (["--max-batch", "0"], "max_batch must be"),
 ])
 def test_patch_bad_input(tmp_path, toy_dir, short_task_file, args, message):
     res = runner.invoke(app, ["patch", "--model", str(toy_dir), "--task", str(short_task_file), "--out", str(tmp_path), *args])
     assert res.exit_code == 2
     assert message in " ".join(res.output.split())
+
+
+def test_patch_bad_option_fails_before_the_model_loads(tmp_path, short_task_file):
+    res = runner.invoke(app, ["patch", "--model", "no-such-model", "--task", str(short_task_file), "--site", "zz",
+                              "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "unknown patching site 'zz'" in " ".join(res.output.split())
+

@@ -19,10 +19,30 @@ def test_path_patch_writes_layer_by_head_records(tmp_path, toy_dir, task_file, t
     measured = {(r["layer"], r["head"]) for r in result.records if r["normalised"] is not None}
     assert measured == {(0, h) for h in range(toy.n_heads)}  # only layer-0 heads feed layer-1 queries
     assert len(result.records) == toy.n_layers * toy.n_heads  # the full grid; cells with no edge are null
-    assert (out / "report.html").is_file() and any(p.suffix == ".png" for p in out.iterdir())
+    assert result.command == "path-patch" and result.params["receivers"] == "a1.h*<q>"
+    assert result.artifacts == ["path_patching.png"] and (out / "path_patching.png").is_file()
+    assert (out / "report.html").is_file()
 
 
-def test_path_patch_unknown_receiver_is_clear(tmp_path, toy_dir, task_file):
+def test_reusing_out_needs_force(tmp_path, toy_dir, task_file):
+    out = tmp_path / "pp"
+    args = ["path-patch", "--model", str(toy_dir), "--task", str(task_file), "--receivers", "logits", "--out", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "--force" in again.output
+    assert runner.invoke(app, [*args, "--force"]).exit_code == 0
+    assert load_results(out).params["receivers"] == "logits"
+
+
+def test_path_patch_unknown_receiver_names_the_range(tmp_path, toy_dir, task_file):
     res = runner.invoke(app, ["path-patch", "--model", str(toy_dir), "--task", str(task_file),
-                              "--receivers", "a7.h0<q>", "--out", str(tmp_path)])
-    assert res.exit_code == 2 and "a7.h0" in res.output
+                              "--receivers", "a7.h0<q>", "--out", str(tmp_path / "pp")])
+    assert res.exit_code == 2 and "a7.h0" in res.output and "layers 0..1" in res.output
+    assert not (tmp_path / "pp").exists()  # nothing written for a failed run
+
+
+def test_receiver_typo_fails_before_the_model_loads(tmp_path, task_file):
+    # The model path does not exist: had the model been loaded first, the error would be about it.
+    res = runner.invoke(app, ["path-patch", "--model", str(tmp_path / "no-such-model"), "--task", str(task_file),
+                              "--receivers", "a9.h1<x>", "--out", str(tmp_path / "pp")])
+    assert res.exit_code == 2 and "not well formed" in res.output and "no-such-model" not in res.output

@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from circuitlab.errors import GraphError
-from circuitlab.graph import Graph, GraphShape
 from circuitlab.graph.circuit import Circuit
+from circuitlab.graph.graph import Graph, GraphShape
+
+
+def tol(reference: torch.Tensor) -> float:
+    """A masked run reorders float32 sums of sender outputs: measured <= 8 eps * max|logit| on the toy
+    models and SmolLM2; 64 eps leaves an 8x margin, far below the clean/corrupt difference."""
+    return 64 * torch.finfo(torch.float32).eps * float(reference.detach().abs().max())
 
 
 def test_full_and_empty_circuit_runs(toy):
@@ -15,8 +21,9 @@ def test_full_and_empty_circuit_runs(toy):
     clean = torch.tensor([[0, 5, 6, 7, 8], [0, 9, 10, 11, 12]])
     corrupt = torch.tensor([[0, 13, 14, 15, 16], [0, 17, 18, 19, 20]])
     with torch.no_grad():
-        assert (Circuit.full(graph, toy).run(clean, corrupt=corrupt) - toy.bridge(clean)).abs().max() < 1e-4
-        assert (Circuit.empty(graph, toy).run(clean, corrupt=corrupt) - toy.bridge(corrupt)).abs().max() < 1e-4
+        want_clean, want_corrupt = toy.bridge(clean), toy.bridge(corrupt)
+        assert (Circuit.full(graph, toy).run(clean, corrupt=corrupt) - want_clean).abs().max() < tol(want_clean)
+        assert (Circuit.empty(graph, toy).run(clean, corrupt=corrupt) - want_corrupt).abs().max() < tol(want_corrupt)
     with pytest.raises(GraphError, match="no model"):
         Circuit.full(graph).run(clean, corrupt=corrupt)
 

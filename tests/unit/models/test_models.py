@@ -9,8 +9,8 @@ import torch
 
 from circuitlab import load_model
 from circuitlab.errors import ModelLoadError, TokenizationError
-from circuitlab.models import cache
-from circuitlab.models.loading import save_native
+from circuitlab.models import loading
+from circuitlab.models.loading import ModelSource, check_spec, save_native
 from circuitlab.models.toy import toy_config, toy_model
 
 
@@ -87,16 +87,22 @@ def test_native_config_dict_and_bad_type():
         load_model(42)
 
 
-def test_cache_write_is_atomic_on_interrupt(tmp_path, monkeypatch):
-    monkeypatch.setenv("CIRCUITLAB_CACHE", str(tmp_path))
+def test_check_spec_names_each_source_without_loading(tmp_path, toy, monkeypatch):
+    cfg = toy_config(d_vocab=len(toy.tokenizer), seed=0)
+    save_native(toy, tmp_path / "native", cfg)
+    assert check_spec(tmp_path / "native") == ModelSource("native_dir", str(tmp_path / "native"), tmp_path / "native")
+    assert check_spec("smollm2-135m").kind == "known"
+    assert check_spec(cfg).kind == "config"
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(loading, "_probe", lambda host, port: None)  # a reachable hub: load by id
+    assert check_spec("org/model") == ModelSource("hub", "org/model", None)
+    with pytest.raises(ModelLoadError, match=r"model path org/model/x does not exist"):
+        check_spec("org/model/x")  # two slashes: a path, not a hub id
 
-    def fill(d):
-        (d / "model.safetensors").write_text("partial")
-        raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        cache.write_atomically("entry", fill, {})
-    assert cache.cached_dir("entry") is None
-    assert list(tmp_path.iterdir()) == []  # no half-written entry, no temp dir left
-    path = cache.write_atomically("entry", lambda d: (d / "x").write_text("ok"), {"a": 1})
-    assert cache.cached_dir("entry") == path and (path / "x").read_text() == "ok"
+def test_offline_hub_id_in_the_local_hf_cache_loads_from_its_snapshot(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, local_files_only: str(tmp_path))
+    assert check_spec("org/model") == ModelSource("hub", "org/model", tmp_path)

@@ -7,24 +7,22 @@ import torch
 from conftest import TOY_WORDS
 
 from circuitlab.atomic import save_figure_atomically
-from circuitlab.errors import TaskError, TokenizationError
+from circuitlab.errors import CausalTraceError, TaskError, TokenizationError
 from circuitlab.models.toy import toy_model
 from circuitlab.patching.causal_trace import (
     NOISE_HOOK,
     TOKEN_GROUPS,
-    CausalTraceError,
     CausalTracer,
     Fact,
     Restoration,
     average_indirect_effect,
     facts_from_task,
     kind_variant,
-    plot_average,
-    plot_trace,
     subject_token_span,
     token_groups,
     window_layers,
 )
+from circuitlab.patching.plots import plot_average, plot_trace
 from circuitlab.tasks.task import Example, Task
 
 PROMPT, SUBJECT, TARGET = "The capital of France is in", "capital of France", "Paris"
@@ -212,70 +210,3 @@ def test_facts_from_task_needs_subject():
     assert facts_from_task(good) == [Fact(PROMPT, SUBJECT, "Paris")]
     with pytest.raises(TaskError, match="subject"):
         facts_from_task(Task("f", [Example(PROMPT, PROMPT, ["Paris"])]))
-
-
-# --- CLI -----------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def toy_dir(tmp_path_factory, toy):
-    from circuitlab.models.loading import save_native
-    from circuitlab.models.toy import toy_config
-
-    path = tmp_path_factory.mktemp("toy") / "model"
-    save_native(toy, path, toy_config(d_vocab=len(toy.tokenizer), seed=0))
-    return path
-
-
-def test_cli_trace(tmp_path, toy_dir):
-    from typer.testing import CliRunner
-
-    from circuitlab.cli import app
-    from circuitlab.results import load_results
-
-    runner = CliRunner()
-    out = tmp_path / "trace"
-    res = runner.invoke(app, ["trace", "--model", str(toy_dir), "--prompt", PROMPT, "--subject", SUBJECT, "--target",
-                              TARGET, "--kind", "all", "--samples", "2", "--window", "2", "--out", str(out)])
-    assert res.exit_code == 0, res.output
-    result = load_results(out)
-    assert result.command == "trace" and result.params["subject_span"] == [2, 5]
-    assert {r["kind"] for r in result.records} == {"resid", "mlp", "attn"}
-    assert len(result.records) == 3 * 7 * 2  # kinds x positions x layers
-    assert all((out / f"trace_{k}.png").is_file() for k in ("resid", "mlp", "attn"))
-    # The last layer's output at the last token restores the clean probability.
-    last = next(r for r in result.records if r["kind"] == "resid" and r["layer"] == 1 and r["pos"] == 6)
-    assert last["prob"] == pytest.approx(result.summary["clean_prob"], abs=1e-5)
-
-    res = runner.invoke(app, ["trace", "--model", str(toy_dir), "--prompt", PROMPT, "--subject", "Berlin", "--target",
-                              TARGET, "--out", str(tmp_path / "bad")])
-    assert res.exit_code == 2 and "does not occur in the prompt" in " ".join(res.output.split())
-    res = runner.invoke(app, ["trace", "--model", str(toy_dir), "--prompt", PROMPT, "--subject", SUBJECT, "--target",
-                              TARGET, "--kind", "heads", "--out", str(tmp_path / "bad")])
-    assert res.exit_code == 2 and "unknown trace kind" in " ".join(res.output.split())
-    res = runner.invoke(app, ["trace", "--model", str(toy_dir), "--prompt", PROMPT, "--out", str(tmp_path / "bad")])
-    assert res.exit_code == 2 and "--subject" in " ".join(res.output.split())
-    assert not (tmp_path / "bad" / "results.json").exists()
-
-
-def test_cli_trace_task_average(tmp_path, toy_dir):
-    from typer.testing import CliRunner
-
-    from circuitlab.cli import app
-    from circuitlab.results import load_results
-    from circuitlab.tasks.registry import GENERATORS, register_task
-
-    @register_task("toy_facts_for_test", "two fact prompts for the toy vocabulary")
-    def _facts(model, n=2, seed=0):
-        rows = [(PROMPT, SUBJECT, "Paris"), ("Paris is the capital of", "Paris", "France")][:n]
-        return Task("toy_facts_for_test", [Example(p, p, [a], meta={"subject": s}) for p, s, a in rows], metric="prob")
-
-    try:
-        out = tmp_path / "aie"
-        res = CliRunner().invoke(app, ["trace", "--model", str(toy_dir), "--task", "toy_facts_for_test", "--kind", "resid",
-                                       "--samples", "2", "--out", str(out)])
-        assert res.exit_code == 0, res.output
-        result = load_results(out)
-        assert result.task["n"] == 2 and result.summary["n_prompts"] == 2
-        assert {r["group"] for r in result.records} == set(TOKEN_GROUPS)
-        assert (out / "aie_resid.png").is_file()
-    finally:
-        GENERATORS.pop("toy_facts_for_test", None)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformer_lens import patching as tl
 
-from circuitlab.errors import CircuitlabError, TokenizationError
+from circuitlab.errors import CircuitlabError, PatchingError, TokenizationError
 from circuitlab.models.toy import toy_model
-from circuitlab.patching import ActivationPatcher, PatchingError, PatchingResult
-from circuitlab.patching.run import run_patching
+from circuitlab.patching import ActivationPatcher, PatchingResult
+from circuitlab.runner import run
 from circuitlab.tasks import Example, Task
 
 WORDS = "When Mary and John went to the store , gave a drink Tom Anna Paul Kate".split()
@@ -170,18 +170,63 @@ def test_bad_input_raises_clear_errors(gqa, prepared, toy_attn_only):
     assert issubclass(PatchingError, CircuitlabError)
 
 
-def test_result_records_json_and_run_patching(gqa, tmp_path):
-    result, sweep = run_patching(gqa, _task(), site="z", by="layer,head,pos", out=tmp_path, progress=False)
+def test_result_records_json_and_run_patch(gqa, tmp_path):
+    out = tmp_path / "run"
+    done = run("patch", model=gqa, task=_task(), site="z", by="layer,head,pos", out=out)
+    sweep = done.output.sweep
+    result = done.result
     assert {"site", "layer", "pos", "head", "value"} <= result.records[0].keys()
     n_pos = len(sweep.pos_labels)
     assert len(result.records) == len(sweep.cells) == gqa.n_layers * gqa.n_heads * n_pos
-    saved = json.loads((tmp_path / "results.json").read_text())
+    saved = json.loads((out / "results.json").read_text())
     assert saved["command"] == "patch" and len(saved["records"]) == len(sweep.cells)
-    assert (tmp_path / "heatmap_z_layer_pos.png").stat().st_size > 1000
-    assert (tmp_path / "heatmap_z_layer_head.png").stat().st_size > 1000
-    back = PatchingResult.from_json((tmp_path / "patching.json").read_text())
+    assert saved["params"] == {"site": "z", "by": "layer,head,pos", "direction": "denoise", "max_batch": 256,
+                               "per_prompt": False, "layers": None}
+    assert saved["summary"]["n_cells"] == len(sweep.cells) and saved["summary"]["site"] == "z"
+    assert (out / "heatmap_z_layer_pos.png").stat().st_size > 1000
+    assert (out / "heatmap_z_layer_head.png").stat().st_size > 1000
+    assert sorted(saved["artifacts"]) == ["heatmap_z_layer_head.png", "heatmap_z_layer_pos.png", "patching.json"]
+    back = PatchingResult.from_json((out / "patching.json").read_text())
     assert back.cells == sweep.cells and torch.allclose(back.values, sweep.values)
-    frame = pd.read_csv(tmp_path / "results.csv")
+    frame = pd.read_csv(out / "results.csv")
     assert frame["value"].notna().all()
-    per_prompt = sweep.records(per_prompt=True)
-    assert len(per_prompt) == len(sweep.cells) * 3 and "prompt" in per_prompt[0]
+
+
+def test_run_patch_per_prompt_and_layers(gqa):
+    done = run("patch", model=gqa, task=_task(), site="resid_pre", by="layer", direction="noising",
+               per_prompt=True, layers=[1])
+    records = done.result.records
+    assert len(records) == 1 * 3 and [r["prompt"] for r in records] == [0, 1, 2]
+    assert {r["layer"] for r in records} == {1} and done.result.params["direction"] == "noise"
+    sweep = done.output.sweep
+    # per-prompt values normalise each prompt by its own clean / corrupt metric
+    expected = (sweep.values[0] - sweep.corrupt) / (sweep.clean - sweep.corrupt)
+    assert [r["value"] for r in records] == pytest.approx(expected.tolist())
+    assert done.result.summary == sweep.summary()
+
+
+def _recording_bar(calls):
+    from contextlib import contextmanager
+
+    @contextmanager
+    def bar(total, description):
+        done = []
+        calls.append((total, description, done))
+        yield done.append
+
+    return bar
+
+
+def test_progress_bar_counts_every_row_once(gqa, prepared, monkeypatch):
+    # The bar (with ETA, circuitlab.progress) must end at its total, skipped cells included, or the ETA lies.
+    import circuitlab.patching.patcher as patcher_module
+
+    calls = []
+    monkeypatch.setattr(patcher_module, "progress_bar", _recording_bar(calls))
+    result = ActivationPatcher(gqa, prepared, max_batch=4).sweep("resid_pre", "layer,pos")
+    [(total, description, done)] = calls
+    assert total == len(result.cells) * prepared.n_prompts == sum(done)
+    assert result.stats["cells_skipped"] > 0 and "resid_pre" in description
+    calls.clear()
+    ActivationPatcher(gqa, prepared, progress=False).sweep("resid_pre", "layer")
+    assert calls == []

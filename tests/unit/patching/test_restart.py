@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from circuitlab.errors import PatchingError
 from circuitlab.patching.restart import LayerRestart
-from circuitlab.patching.sites import PatchingError
 
 
 @pytest.mark.parametrize("fixture", ["toy", "toy_attn_only"])

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
+from conftest import IOI_LIKE_ROWS
 
-import importlib
 from circuitlab.errors import AnalysisError, OutputError, TaskError
 from circuitlab.results import load_results
 from circuitlab.runner import get_analysis, run
 from circuitlab.tasks import Example, Task
-from conftest import IOI_LIKE_ROWS
 
 
 @pytest.fixture
@@ -41,6 +41,14 @@ def test_bad_input_fails_before_the_model_loads(no_model_load, call, error, mess
     analysis = call.pop("analysis")
     with pytest.raises(error, match=message):
         run(analysis, model="smollm2-135m", **call)
+
+
+def test_bad_model_spec_fails_before_anything_else(no_model_load, tmp_path):
+    from circuitlab.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError):
+        run("eval", model=str(tmp_path / "no" / "such-model"), task="ioi", out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_out_fails_before_the_model_loads(no_model_load, tmp_path):

@@ -53,7 +53,8 @@ def task_toy():
 
 
 def _records(task):
-    return [(e.clean, e.corrupt, e.answer, e.wrong, {k: v for k, v in e.meta.items()}) for e in task.examples]
+    return [(e.clean, e.corrupt, e.answer, e.wrong, dict(e.meta), e.clean_ids, e.targets, e.subject, e.extra)
+            for e in task.examples]
 
 
 def test_registry_lists_every_builtin():
@@ -157,9 +158,10 @@ def test_facts_subject_span_and_partner(task_toy):
     task = make_task("facts", task_toy, n=10, seed=0)
     for ex in task.examples:
         ids = task_toy.encode(ex.clean)
-        span = task_toy.decode(ids[ex.meta["subject_start"]: ex.meta["subject_end"]])
-        assert span.strip() == ex.meta["subject"]
-        assert ex.meta["extra"] == {"subject_start": ex.meta["subject_start"], "subject_end": ex.meta["subject_end"]}
+        span = task_toy.decode(ids[ex.extra["subject_start"]: ex.extra["subject_end"]])
+        assert span.strip() == ex.subject
+        assert set(ex.extra) == {"subject_start", "subject_end"}
+        assert set(ex.meta) == {"relation", "corrupt_subject"}  # free-form fields only
         assert ex.corrupt == ex.meta["relation"].format(ex.meta["corrupt_subject"])
         assert ex.answer != ex.wrong and len(task_toy.encode(ex.corrupt)) == len(ids)
     prepared = task.prepare(task_toy)
@@ -171,7 +173,7 @@ def test_facts_custom_list_and_errors(task_toy):
     task = make_task("facts", task_toy, facts=custom)
     assert sorted(e.clean for e in task.examples) == ["The capital of France is", "The capital of Italy is"]
     assert {(e.answer[0], e.wrong[0]) for e in task.examples} == {(" Paris", " Rome"), (" Rome", " Paris")}
-    assert task.examples[0].meta["subject_start"] == 4  # BOS The capital of | France
+    assert task.examples[0].extra["subject_start"] == 4  # BOS The capital of | France
     with pytest.raises(TaskError, match="n <= 2"):
         make_task("facts", task_toy, facts=custom, n=3)
     with pytest.raises(TaskError, match="corrupt partner"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -110,7 +111,7 @@ def test_task_files_jsonl_and_csv(tmp_path, toy):
     jl.write_text('{"clean": "Mary gave a drink to", "corrupt": "Tom gave a drink to", "answer": " John", "wrong": [" Mary"], "subject": "Mary"}\n')
     task = load_task_file(jl)
     assert task.metric == "logit_diff" and task.examples[0].wrong == [" Mary"]
-    assert task.examples[0].meta == {"subject": "Mary"}  # extra fields are kept for analyses that read them
+    assert task.examples[0].subject == "Mary" and task.examples[0].meta == {}  # a typed field, not meta
     csv = tmp_path / "t.csv"
     csv.write_text("clean,corrupt,answer\nMary gave a drink to,Tom gave a drink to, John| Paul\n")
     task = make_task(str(csv), toy)
@@ -146,3 +147,34 @@ def test_result_round_trip_and_atomic_save(tmp_path):
     assert list(back.to_frame().columns) == ["layer", "value"]
     assert (tmp_path / "results.csv").read_text().startswith("layer,value")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv", "results.json"]
+
+
+def test_id_rows_need_no_text_and_are_used_as_given(tmp_path, toy):
+    mary, john, gave = (toy.single_token_id(w) for w in (" Mary", " John", " gave"))
+    jl = tmp_path / "ids.jsonl"
+    jl.write_text(json.dumps({"clean_ids": [mary, gave, john], "corrupt_ids": [john, gave, mary],
+                              "answer_ids": [mary], "wrong_ids": [john], "answer_pos": -2, "note": "x"}) + "\n")
+    task = load_task_file(jl)
+    ex = task.examples[0]
+    assert task.metric == "logit_diff" and ex.clean == "" and ex.meta == {"note": "x"}
+    batch = task.prepare(toy).single_batch()
+    assert batch.clean.tolist() == [[mary, gave, john]]  # no BOS added to given ids
+    assert batch.answers.tolist() == [[mary]] and batch.wrong.tolist() == [[john]]
+    assert batch.answer_pos.tolist() == [1]  # -2 counts from the end
+    csv = tmp_path / "ids.csv"
+    csv.write_text(f"clean_ids,corrupt,answer,targets\n{mary}|{gave},Mary, John,-1|{john}\n")  # BOS + Mary
+    batch = load_task_file(csv).prepare(toy).batches[0]
+    assert batch.clean.tolist() == [[mary, gave]] and batch.targets.tolist() == [[-1, john]]
+
+
+def test_targets_must_cover_the_clean_prompt(toy):
+    ex = Example("Mary gave", "John gave", " John", targets=[-1])
+    with pytest.raises(TaskError, match="targets has 1 entries but the clean prompt has 3 tokens"):
+        Task("t", [ex], align=False).prepare(toy)
+
+
+def test_structural_keys_given_in_meta_move_to_their_fields():
+    ex = Example("a", "b", " c", meta={"subject": "a", "extra": {"k": 1}, "note": 2})
+    assert ex.subject == "a" and ex.extra == {"k": 1} and ex.meta == {"note": 2}
+    with pytest.raises(TaskError, match="'subject' must be a string"):
+        Example("a", "b", " c", subject=3)  # type: ignore[arg-type]

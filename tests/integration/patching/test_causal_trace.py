@@ -1,15 +1,13 @@
-"""Causal tracing and the logit lens on the real SmolLM2-135M (short prompt, few noise samples)."""
+"""ROME causal tracing on the real SmolLM2-135M (short prompt, few noise samples)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from circuitlab.errors import TokenizationError
-from circuitlab.lens import lens_from_resid, lens_sites, logit_lens
+from circuitlab.errors import CausalTraceError, TokenizationError
 from circuitlab.patching.causal_trace import (
     NOISE_HOOK,
-    CausalTraceError,
     CausalTracer,
     Restoration,
     kind_variant,
@@ -75,25 +73,6 @@ def test_resid_trace_early_subject_late_last_token(tracer):
     assert best[0] in subject and best[1] in subject
     assert best[2] == best[3] == tracer.n_pos - 1
     assert (grid.effect.max(0).values > 0.5 * gap).all()
-
-
-def test_lens_last_layer_is_model_logits(smollm):
-    tokens = smollm.to_tokens(PROMPT)
-    with torch.no_grad():
-        logits = smollm.logits(tokens)[0]
-        _, cache = smollm.bridge.run_with_cache(tokens)
-        lens = lens_from_resid(smollm, cache[lens_sites(smollm)[-1]][0])
-    assert (lens - logits).abs().max() <= 1e-4
-
-
-def test_lens_follows_paris_through_depth(smollm):
-    result = logit_lens(smollm, PROMPT, target=TARGET, top_k=5)
-    ranks = result.target_rank[:, -1]
-    assert result.top_tokens[-1][-1][0] == " Paris" and int(ranks[-1]) == 1
-    assert result.kl[-1].abs().max() < 1e-4
-    # ' Paris' is far from the top in the first two thirds of the network and climbs over the last layers.
-    assert (ranks[:20] > 100).all()
-    assert int(ranks[-6]) > int(ranks[-3]) > int(ranks[-1])
 
 
 def test_mlp_early_at_subject_attention_late_at_last_token(tracer):

@@ -1,0 +1,413 @@
+"""The attribution methods as registered analyses (``attribute/dla``, ``attribute/ig``, ...): options,
+and result objects that give the runner records, a summary and figures.
+
+Prompts of several token lengths: a task is prepared into one batch per token length. The methods that
+read one position per prompt (direct logit attribution, integrated gradients, attention x gradient,
+attribution patching) run every batch and combine them, so no prompt is dropped: per-prompt values are
+concatenated, means over prompts are therefore weighted by batch size, and a figure over positions shows
+one batch and says which when there are several. Rollout and flow show one prompt (`index` counts every
+prompt of the task). See docs/METHODS.md for each method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float
+
+from circuitlab.analysis import Analysis, NoParams
+from circuitlab.attribution import plots
+from circuitlab.attribution.attention_flow import attention_flow, attention_patterns, attention_rollout
+from circuitlab.attribution.attention_gradient import AttentionGradient, attention_times_gradient
+from circuitlab.attribution.attribution_patching import (
+    DEFAULT_SITES,
+    HEAD_SITES,
+    AttributionPatching,
+    attribution_patching,
+    check_sites,
+)
+from circuitlab.attribution.dla import ComponentAttribution, DirectLogitAttribution, direct_logit_attribution
+from circuitlab.attribution.integrated_gradients import (
+    BASELINES,
+    EMBED_HOOK,
+    IntegratedGradients,
+    layer_integrated_gradients,
+)
+from circuitlab.attribution.quadrature import check_rule
+from circuitlab.errors import AnalysisError, AttributionError
+from circuitlab.models.model import Model
+from circuitlab.tasks.metrics import normalised
+from circuitlab.tasks.source import TaskSource
+from circuitlab.tasks.task import PreparedTask, Task, TaskBatch
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+IG_BASELINES = ("auto", *BASELINES)  # auto: the corrupt prompt when there is one, else the pad token
+
+
+# --- options -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class IGParams:
+    """Integrated gradients: `steps` points of the quadrature `rule`, from `baseline` to the prompt, at `hook`."""
+
+    steps: int = 64
+    rule: str = "gausslegendre"
+    baseline: str = "auto"
+    hook: str = EMBED_HOOK
+
+    def __post_init__(self) -> None:
+        check_rule(self.rule, self.steps)
+        if self.baseline not in IG_BASELINES:
+            raise AttributionError(f"unknown baseline {self.baseline!r}; choose one of {', '.join(IG_BASELINES)}")
+        if not isinstance(self.hook, str) or not self.hook:
+            raise AttributionError(f"hook must be a hook name such as {EMBED_HOOK!r}, got {self.hook!r}")
+
+
+@dataclass(frozen=True)
+class PromptIndex:
+    """Rollout and flow: the prompt shown, counted over every prompt of the task from 0."""
+
+    index: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.index, bool) or not isinstance(self.index, int) or self.index < 0:
+            raise AttributionError(f"index must be an integer >= 0 (the task's prompts count from 0), got {self.index!r}")
+
+
+@dataclass(frozen=True)
+class AtPParams:
+    """Attribution patching: the sites estimated (one backward gives them all)."""
+
+    sites: tuple[str, ...] = DEFAULT_SITES
+
+    def __post_init__(self) -> None:
+        sites = self.sites.split(",") if isinstance(self.sites, str) else self.sites
+        object.__setattr__(self, "sites", check_sites(tuple(s.strip() for s in sites)))
+
+
+def _has_corrupt(task: Task) -> bool:
+    """False for a one-prompt task given without a corrupt prompt (see `tasks.task.prompt_task`)."""
+    return bool(task.params.get("has_corrupt", True))
+
+
+def _atp_source(source: TaskSource, params: AtPParams) -> TaskSource:
+    if source.task is not None and not _has_corrupt(source.task):
+        raise AttributionError("attribution patching needs a corrupt prompt: pass --corrupt (or use --task)")
+    return source
+
+
+def _ig_source(source: TaskSource, params: IGParams) -> TaskSource:
+    if params.baseline == "corrupt" and source.task is not None and not _has_corrupt(source.task):
+        raise AttributionError("baseline 'corrupt' needs a corrupt prompt: pass --corrupt, or choose --baseline "
+                               "auto, pad, bos or zero")
+    return source
+
+
+# --- shared helpers ------------------------------------------------------------------------------------
+
+def _prepare(model: Model, task: Task | None) -> PreparedTask:
+    if task is None:
+        raise AnalysisError("attribution needs a task: a built-in name, a .jsonl/.csv file or a prompt")
+    return task.prepare(model)
+
+
+@dataclass
+class Groups:
+    """The prompts of a task as batches of one token length each, with their readable tokens."""
+
+    batches: list[TaskBatch]
+    tokens: list[list[list[str]]]  # per batch, per prompt
+
+    @staticmethod
+    def of(prepared: PreparedTask) -> Groups:
+        return Groups(list(prepared.batches), [[prepared.str_tokens[i] for i in b.indices] for b in prepared.batches])
+
+    @property
+    def n_prompts(self) -> int:
+        return sum(b.size for b in self.batches)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [b.n_pos for b in self.batches]
+
+    @property
+    def shown(self) -> int:
+        """The batch a figure over positions shows: the largest (the first of equal size)."""
+        return max(range(len(self.batches)), key=lambda g: (self.batches[g].size, -g))
+
+    def note(self) -> str:
+        """'' for one batch; else which prompts a position figure shows."""
+        if len(self.batches) == 1:
+            return ""
+        batch = self.batches[self.shown]
+        return f" [the {batch.size} of {self.n_prompts} prompts with {batch.n_pos} tokens]"
+
+    def info(self) -> dict[str, Any]:
+        return {"n_prompts": self.n_prompts, "token_lengths": self.lengths}
+
+
+# --- direct logit attribution --------------------------------------------------------------------------
+
+@dataclass
+class DLARun:
+    """DLA of every prompt: `parts` per token length, `combined` = all prompts' component values."""
+
+    groups: Groups
+    parts: list[DirectLogitAttribution]
+    combined: ComponentAttribution = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.combined = ComponentAttribution.concat(list(self.parts))
+
+    def records(self) -> list[dict[str, Any]]:
+        return self.combined.records()
+
+    def summary(self) -> dict[str, Any]:
+        top = sorted(self.records(), key=lambda r: -abs(r["value"]))[:5]
+        c = self.combined
+        return {"logit_diff_mean": float(c.target.mean()), "components_sum_mean": float(c.total.mean()),
+                "relative_error": c.relative_error, "top_components": [r["component"] for r in top],
+                **self.groups.info()}
+
+    def figures(self) -> dict[str, Figure]:
+        shown = self.groups.shown
+        tokens = self.groups.tokens[shown][0]
+        return {
+            "dla_heads.png": plots.heatmap(self.combined.head_values().mean(0), xlabel="head", ylabel="layer",
+                                           title="direct logit attribution per head"),
+            "dla_layers.png": plots.layer_bars({k: v.mean(0) for k, v in self.combined.layer_values().items()},
+                                               title="direct logit attribution per layer"),
+            "dla_positions.png": plots.heatmap(
+                self.parts[shown].layer_by_position(), xticklabels=tokens, xlabel="position", ylabel="layer",
+                title="direct logit attribution per layer at every position" + self.groups.note()),
+        }
+
+
+def _dla(model: Model, task: Task | None, params: NoParams) -> DLARun:
+    groups = Groups.of(_prepare(model, task))
+    return DLARun(groups, [direct_logit_attribution(model, batch) for batch in groups.batches])
+
+
+# --- integrated gradients ------------------------------------------------------------------------------
+
+@dataclass
+class IGRun:
+    """Integrated gradients of every prompt: one `IntegratedGradients` per token length."""
+
+    groups: Groups
+    parts: list[IntegratedGradients]
+
+    def _cat(self, get: Callable[[IntegratedGradients], torch.Tensor]) -> torch.Tensor:
+        return torch.cat([get(p) for p in self.parts])
+
+    def records(self) -> list[dict[str, Any]]:
+        """One row per prompt and position; `prompt` is the example's index in the task."""
+        rows = []
+        for batch, tokens, part in zip(self.groups.batches, self.groups.tokens, self.parts, strict=True):
+            for row in part.records(tokens):
+                rows.append({**row, "prompt": batch.indices[row["prompt"]]})
+        return sorted(rows, key=lambda r: (r["prompt"], r["pos"]))
+
+    def summary(self) -> dict[str, Any]:
+        first = self.parts[0]
+        return {
+            "hook": first.hook, "rule": first.rule, "steps": first.steps, "baseline": first.baseline,
+            "f_input_mean": float(self._cat(lambda p: p.f_input).mean()),
+            "f_baseline_mean": float(self._cat(lambda p: p.f_baseline).mean()),
+            "max_completeness_gap": float(self._cat(lambda p: p.completeness_gap).max()),
+            "max_relative_gap": float(self._cat(lambda p: p.relative_gap).max()),
+            **self.groups.info(),
+        }
+
+    def figures(self) -> dict[str, Figure]:
+        first = self.parts[0]
+        rows = sorted(((index, tokens, part.attributions[b])
+                       for batch, tokens_of, part in zip(self.groups.batches, self.groups.tokens, self.parts, strict=True)
+                       for b, (index, tokens) in enumerate(zip(batch.indices, tokens_of, strict=True))),
+                      key=lambda r: r[0])  # task order
+        title = f"integrated gradients at {first.hook} ({first.rule}, {first.steps} steps, {first.baseline} baseline)"
+        return {"ig_tokens.png": plots.coloured_text([r[1] for r in rows], [r[2] for r in rows], title=title)}
+
+
+def _ig(model: Model, task: Task | None, params: IGParams) -> IGRun:
+    prepared = _prepare(model, task)
+    baseline = params.baseline
+    if baseline == "auto":  # the corrupt prompt when there is one (see integrated_gradients.py)
+        baseline = "corrupt" if _has_corrupt(prepared.task) else "pad"
+    groups = Groups.of(prepared)
+    return IGRun(groups, [
+        layer_integrated_gradients(model, batch, prepared.metric, hook=params.hook, baseline=baseline,
+                                   steps=params.steps, rule=params.rule)
+        for batch in groups.batches
+    ])
+
+
+# --- attention rollout and flow ------------------------------------------------------------------------
+
+@dataclass
+class FlowRun:
+    """Rollout or flow of one prompt into its answer position: values [layer, source position]."""
+
+    method: str
+    prompt: int
+    tokens: list[str]
+    target_pos: int
+    values: Float[torch.Tensor, "layer src"]
+
+    def records(self) -> list[dict[str, Any]]:
+        return [{"layer": layer, "pos": pos, "token": self.tokens[pos], "value": float(self.values[layer, pos])}
+                for layer in range(self.values.shape[0]) for pos in range(self.values.shape[1])]
+
+    def summary(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "target_pos": self.target_pos,
+                "final_layer": [float(v) for v in self.values[-1]]}
+
+    def figures(self) -> dict[str, Figure]:
+        return {f"{self.method}.png": plots.heatmap(
+            self.values, xlabel="source token", ylabel="layer", xticklabels=self.tokens, signed=False,
+            title=f"attention {self.method} into position {self.target_pos} (prompt {self.prompt})")}
+
+
+def _locate(prepared: PreparedTask, index: int) -> tuple[TaskBatch, int]:
+    """The batch holding example `index` and its row there; an `AttributionError` when out of range."""
+    for batch in prepared.batches:
+        if index in batch.indices:
+            return batch, batch.indices.index(index)
+    raise AttributionError(f"prompt index {index} out of range: task {prepared.task.name!r} has "
+                           f"{prepared.n_prompts} prompt(s); use --index 0..{prepared.n_prompts - 1}")
+
+
+def _flow_compute(method: str) -> Callable[[Model, Task | None, PromptIndex], FlowRun]:
+    def compute(model: Model, task: Task | None, params: PromptIndex) -> FlowRun:
+        prepared = _prepare(model, task)
+        batch, row = _locate(prepared, params.index)
+        patterns = attention_patterns(model, batch.clean[row: row + 1])[0]
+        target = int(batch.answer_pos[row])
+        if method == "rollout":
+            values = attention_rollout(patterns)[:, target, :]  # [layer, src]
+        else:
+            values = attention_flow(patterns, target=target)
+        return FlowRun(method, params.index, prepared.str_tokens[params.index], target, values)
+
+    return compute
+
+
+# --- attention x gradient ------------------------------------------------------------------------------
+
+@dataclass
+class AttentionGradientRun:
+    """Attention x gradient of every prompt; head scores are means over all prompts."""
+
+    groups: Groups
+    parts: list[AttentionGradient]
+
+    @property
+    def head_scores(self) -> Float[torch.Tensor, "layer head"]:
+        return torch.cat([p.prompt_head_scores for p in self.parts]).mean(0)
+
+    def records(self) -> list[dict[str, Any]]:
+        heads = self.head_scores
+        return [{"layer": layer, "head": head, "value": float(heads[layer, head])}
+                for layer in range(heads.shape[0]) for head in range(heads.shape[1])]
+
+    def summary(self) -> dict[str, Any]:
+        return {"max_abs_head_score": float(self.head_scores.abs().max()), **self.groups.info()}
+
+    def figures(self) -> dict[str, Figure]:
+        return {"attn_grad_heads.png": plots.heatmap(self.head_scores, xlabel="head", ylabel="layer",
+                                                     title="attention x gradient per head")}
+
+
+def _attn_grad(model: Model, task: Task | None, params: NoParams) -> AttentionGradientRun:
+    prepared = _prepare(model, task)
+    groups = Groups.of(prepared)
+    return AttentionGradientRun(groups, [attention_times_gradient(model, b, prepared.metric) for b in groups.batches])
+
+
+# --- attribution patching ------------------------------------------------------------------------------
+
+@dataclass
+class AttributionPatchingRun:
+    """Attribution patching of every prompt.
+
+    With one token length, `effects` are that batch's normalised effects. With several, each batch's cell
+    is its share of the whole task's normalised effect: (n_b / N) * raw_b / (clean - corrupt), with clean
+    and corrupt the means over all N prompts, so summing cells over batches and positions gives the
+    whole-task first-order effect (rows then carry the batch's token `length`).
+    """
+
+    groups: Groups
+    parts: list[AttributionPatching]
+    clean_metric: float = field(init=False)
+    corrupt_metric: float = field(init=False)
+    effects: list[dict[str, torch.Tensor]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        sizes = [b.size for b in self.groups.batches]
+        n = sum(sizes)
+        self.clean_metric = sum(s * p.clean_metric for s, p in zip(sizes, self.parts, strict=True)) / n
+        self.corrupt_metric = sum(s * p.corrupt_metric for s, p in zip(sizes, self.parts, strict=True)) / n
+        if len(self.parts) == 1:
+            self.clean_metric, self.corrupt_metric = self.parts[0].clean_metric, self.parts[0].corrupt_metric
+            self.effects = [self.parts[0].effects]
+            return
+        gap = self.clean_metric - self.corrupt_metric
+        normalised(self.clean_metric, self.clean_metric, self.corrupt_metric)  # a MetricError when gap ~ 0
+        self.effects = [
+            {site: values * (s / n) * (p.clean_metric - p.corrupt_metric) / gap for site, values in p.effects.items()}
+            for s, p in zip(sizes, self.parts, strict=True)
+        ]
+
+    def records(self) -> list[dict[str, Any]]:
+        several = len(self.parts) > 1
+        rows = []
+        for length, effects in zip(self.groups.lengths, self.effects, strict=True):
+            part = AttributionPatching(effects, self.clean_metric, self.corrupt_metric)
+            rows += [{**r, "length": length} if several else r for r in part.records()]
+        return rows
+
+    def summary(self) -> dict[str, Any]:
+        return {"clean_metric": self.clean_metric, "corrupt_metric": self.corrupt_metric, **self.groups.info()}
+
+    def figures(self) -> dict[str, Figure]:
+        shown = self.groups.shown
+        out = {}
+        for site in self.effects[0]:
+            if site in HEAD_SITES:  # [layer, pos, head] -> each head over all positions (first order: the sum)
+                name = "atp_heads.png" if site == "z" else f"atp_{site}_heads.png"
+                heads = torch.stack([e[site].sum(1) for e in self.effects]).sum(0)
+                out[name] = plots.heatmap(heads, xlabel="head", ylabel="layer",
+                                          title=f"attribution patching: {site} per head (all positions)")
+                continue
+            out[f"atp_{site}.png"] = plots.heatmap(
+                self.effects[shown][site], xlabel="position", ylabel="layer", xticklabels=self.groups.tokens[shown][0],
+                title=f"attribution patching: {site}" + self.groups.note())
+        return out
+
+
+def _atp(model: Model, task: Task | None, params: AtPParams) -> AttributionPatchingRun:
+    prepared = _prepare(model, task)
+    if not _has_corrupt(prepared.task):
+        raise AttributionError("attribution patching needs a corrupt prompt: pass --corrupt (or use --task)")
+    groups = Groups.of(prepared)
+    return AttributionPatchingRun(groups, [attribution_patching(model, b, prepared.metric, sites=params.sites)
+                                           for b in groups.batches])
+
+
+# --- the registry entries ------------------------------------------------------------------------------
+
+DLA = Analysis("attribute/dla", "direct logit attribution of every head, MLP and embedding", NoParams, _dla)
+IG = Analysis("attribute/ig", "integrated gradients over the input embeddings (or any hook)", IGParams, _ig,
+              task_source=_ig_source)
+ROLLOUT = Analysis("attribute/rollout", "attention rollout into one prompt's answer position", PromptIndex,
+                   _flow_compute("rollout"))
+FLOW = Analysis("attribute/flow", "attention flow (max flow) into one prompt's answer position", PromptIndex,
+                _flow_compute("flow"))
+ATTN_GRAD = Analysis("attribute/attn-grad", "attention x gradient per head", NoParams, _attn_grad)
+ATP = Analysis("attribute/atp", "attribution patching: first-order activation patching of every site",
+               AtPParams, _atp, task_source=_atp_source)
