@@ -21,12 +21,14 @@ install: $(BIN)/circuitlab
 		|| echo "chromium not installed: the report screenshot test will skip"
 
 demo: install
-	$(BIN)/circuitlab demo --out $(OUT)
+	$(BIN)/circuitlab demo --out $(OUT) --force
 
 test: install
 	$(BIN)/python -m pytest -q -ra
 
+# ruff for style, mypy for types (configured in pyproject.toml); .ci/run runs both after the tests.
 lint: install
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
 
 .PHONY: install demo test lint
