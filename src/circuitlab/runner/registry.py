@@ -13,7 +13,7 @@ from circuitlab.analysis import Analysis
 from circuitlab.errors import AnalysisError
 
 _TABLE: dict[str, str] = {
-    "eval": "circuitlab.tasks.evaluate:EVAL",
+    "eval": "circuitlab.runner.evaluation:EVAL",
     "attribute/dla": "circuitlab.attribution.analysis:DLA",
     "attribute/ig": "circuitlab.attribution.analysis:IG",
     "attribute/rollout": "circuitlab.attribution.analysis:ROLLOUT",
