@@ -13,6 +13,7 @@ from rich.console import Console
 
 from circuitlab import __version__
 from circuitlab.errors import CircuitlabError
+from circuitlab.models.hooks import hook_name
 from circuitlab.models.specs import DEFAULT_SPEC
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None,
@@ -208,7 +209,7 @@ def attribute(
     steps: Annotated[int, typer.Option("--steps", help="IG interpolation steps")] = 64,
     rule: Annotated[str, typer.Option("--rule", help="IG rule: riemann_left/right/middle/trapezoid, gausslegendre")] = "gausslegendre",
     baseline: Annotated[str, typer.Option("--baseline", help="IG baseline: auto (corrupt if given, else pad), zero, pad, bos, corrupt")] = "auto",
-    hook: Annotated[str, typer.Option("--hook", help="IG hook (hook_embed = input embeddings)")] = "hook_embed",
+    hook: Annotated[str, typer.Option("--hook", help="IG hook (hook_embed = input embeddings)")] = hook_name("embed"),
     index: Annotated[int, typer.Option("--index", help="Prompt shown by rollout / flow")] = 0,
     sites: Annotated[str, typer.Option("--sites", help="atp sites, comma-separated: resid_pre, resid_mid, "
                                        "resid_post, attn_out, mlp_out, z, q, k, v, pattern")] = "resid_pre,attn_out,mlp_out,z",
