@@ -46,6 +46,17 @@ def toy_dir(tmp_path_factory, toy):
     return path
 
 
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if `circuitlab.runner.run` gets as far as loading a model (validation must come first)."""
+    import importlib
+
+    def refuse(spec):
+        raise AssertionError(f"model {spec!r} was loaded before the input was validated")
+
+    monkeypatch.setattr(importlib.import_module("circuitlab.runner.run"), "_load", refuse)
+
+
 IOI_LIKE_ROWS = [
     {"clean": "When Mary and John went to the store , John gave a drink to",
      "corrupt": "When Tom and Anna went to the store , Paul gave a drink to", "answer": " Mary", "wrong": " John"},

@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import quote
 
 from circuitlab.atomic import write_text_atomically
-from circuitlab.report.terminal import strongest_first
+from circuitlab.report.terminal import flatten_summary, strongest_first
 from circuitlab.results import Result
 
 MAX_ROWS = 200  # record rows shown in a report; all of them are in results.csv
@@ -83,20 +83,8 @@ def _td(value: object) -> str:
     return f"<td class={cls}>{html.escape(_text(value))}</td>"
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    """Nested dicts as ``a.b`` rows (unset nested entries, e.g. the head of a layer x pos cell, dropped)."""
-    rows: list[tuple[str, Any]] = []
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            rows += _flatten(value, f"{name}.")
-        elif not (prefix and value is None):
-            rows.append((name, value))
-    return rows
-
-
 def _kv_table(data: dict[str, Any]) -> str:
-    rows = "".join(f"<tr><th>{html.escape(k)}</th>{_td(v)}</tr>" for k, v in _flatten(data))
+    rows = "".join(f"<tr><th>{html.escape(k)}</th>{_td(v)}</tr>" for k, v in flatten_summary(data))
     return f"<div class=scroll><table class=kv>{rows}</table></div>"
 
 

@@ -38,20 +38,20 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+def flatten_summary(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     """Nested dicts as ``a.b`` rows; unset nested entries (the head of a layer x pos cell) are dropped."""
     rows: list[tuple[str, Any]] = []
     for key, value in data.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            rows += _flatten(value, f"{name}.")
+            rows += flatten_summary(value, f"{name}.")
         elif not (prefix and value is None):
             rows.append((name, value))
     return rows
 
 
 def summary_table(summary: dict[str, Any], title: str) -> Table:
-    rows = _flatten(summary)
+    rows = flatten_summary(summary)
     table = Table(title=title, show_header=False, title_justify="left", min_width=min(len(title), WIDTH))
     # A fixed key width: rich would otherwise wrap the keys as readily as the long values.
     key_width = min(max((len(k) for k, _ in rows), default=1), MAX_KEY)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import pytest
@@ -12,16 +11,6 @@ from circuitlab.errors import AnalysisError, OutputError, TaskError
 from circuitlab.results import load_results
 from circuitlab.runner import get_analysis, run
 from circuitlab.tasks import Example, Task
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if `run` gets as far as loading a model."""
-
-    def refuse(spec):
-        raise AssertionError(f"model {spec!r} was loaded before the input was validated")
-
-    monkeypatch.setattr(importlib.import_module("circuitlab.runner.run"), "_load", refuse)
 
 
 @pytest.fixture
