@@ -15,6 +15,9 @@ downstream of the receivers is recomputed (docs/METHODS.md, "Path patching"). Tw
 The two agree when no receiver feeds another receiver (e.g. receivers in one layer, or logits): with
 receivers in several layers, the masked version lets an earlier receiver's changed output reach a later
 receiver, while the classic one overwrites the later receiver's whole input with its step-2 value.
+With a post-attention norm (Gemma-3) a head sender's output is its share of the normalised attention
+output (graph/attention.py): the masked version swaps that share, the classic one patches z and lets the
+norm rescale every head, so there they agree for input and MLP senders only.
 
 Patterns: senders match node names (`a3.h*`, `m2`, `input`); receivers match receiver names when the
 pattern has `<...>` (`a9.h*<q>`, `a9.h1<k>`), otherwise node names, a head meaning its q, k and v inputs
