@@ -1,0 +1,259 @@
+"""Path patching into heads and MLPs by restarting at the receivers' layer, many senders per forward.
+
+With only the edges  s -> R  cut (s one sender, R the receivers), every node before the earliest
+receiver layer r computes exactly its clean output. So one recorded clean run gives, for every variant,
+the residual entering block r and the keyword inputs every later block received (attention mask,
+rotary tables, position ids); the sweep then runs only blocks r..L-1, on `max_batch` rows (senders x
+prompts) at a time, and unembeds only the positions the metric reads (docs/METHODS.md, "Path patching").
+
+Inside the restarted blocks each variant k (sender s_k) follows the masked-edge rule (graph/masked.py):
+a receiver rho in R fed by s_k reads  resid - (out_{s_k} - corrupt out_{s_k}),  where out_{s_k} is s_k's
+output in this run (its clean output when s_k lies before layer r); every other input is the plain
+residual. Layers with head receivers compute attention per (head, q/k/v) input with the engine's
+`HeadwiseAttention`; the other layers run the bridge's own blocks unchanged. Equals the full masked run
+(`masked_sweep`) up to float32 rounding (tested on toy models and SmolLM2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float, Int
+
+from circuitlab.errors import GraphError
+from circuitlab.graph.attention import visible_keys
+from circuitlab.graph.direct_paths import (
+    Positions,
+    Readout,
+    SenderSweep,
+    Tokens,
+    empty_values,
+    fill_value,
+    final_logits,
+    gather_positions,
+)
+from circuitlab.graph.masked import FwdHooks, MaskedEdgeEngine, mlp_input_hook
+from circuitlab.graph.naming import parse_node
+from circuitlab.graph.path_patching import Advance
+from circuitlab.models.hooks import hook_name
+
+if TYPE_CHECKING:
+    from transformer_lens.hook_points import HookPoint
+
+Resid = Float[torch.Tensor, "rows pos d_model"]
+
+
+def restart_layer(engine: MaskedEdgeEngine, receivers: list[str]) -> int:
+    """The earliest layer holding a receiver (n_layers when the logits are the only receiver)."""
+    layers = [parse_node(r.split("<")[0]).layer for r in receivers if r != "logits"]
+    return min((layer for layer in layers if layer is not None), default=engine.graph.shape.n_layers)
+
+
+@dataclass
+class CleanRecord:
+    """What the restarted blocks need from one plain run: every sender's output [sender, batch, pos, d]
+    (graph order), each block's call (args, kwargs) from layer r on, and the final norm's input."""
+
+    outputs: Float[torch.Tensor, "sender batch pos d_model"]
+    calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]]
+    final: Resid
+
+
+@torch.no_grad()
+def record_clean(engine: MaskedEdgeEngine, tokens: Tokens, start: int) -> CleanRecord:
+    """One plain forward: the senders' outputs (engine.sender_outputs) plus, by torch pre-hooks, the
+    inputs of blocks start..L-1 and of the final norm (or the unembedding when there is none)."""
+    bridge = engine.bridge
+    calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+    final: list[torch.Tensor] = []
+
+    def capture(layer: int) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            calls[layer] = (args, dict(kwargs))
+        return hook
+
+    def capture_final(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        final.append(args[0].detach())
+
+    head = bridge.ln_final if engine.final_hook == hook_name("final_norm_in") else bridge.unembed
+    handles = [bridge.blocks[layer].register_forward_pre_hook(capture(layer), with_kwargs=True)
+               for layer in range(start, engine.graph.shape.n_layers)]
+    handles.append(head.register_forward_pre_hook(capture_final))
+    try:
+        outputs = engine.sender_outputs(tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return CleanRecord(outputs, calls, final[-1])
+
+
+def _expand(value: Any, batch: int, k: int) -> Any:
+    """A recorded block input for k stacked copies of the batch: batch-first tensors repeated k times
+    (row ki*batch + b = copy ki of prompt b, as tokens.repeat(k, 1)); tuples element-wise."""
+    if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[0] == batch and batch > 1:
+        return value.repeat(k, *([1] * (value.ndim - 1)))
+    if isinstance(value, tuple):
+        return tuple(_expand(v, batch, k) for v in value)
+    return value
+
+
+def _replay_kwargs(kwargs: dict[str, Any], batch: int, k: int) -> dict[str, Any]:
+    """The recorded keyword inputs of a block, expanded to k copies; KV caches dropped (a replay must
+    not append to the clean run's cache)."""
+    out = {}
+    for key, value in kwargs.items():
+        if type(value).__name__.endswith("Cache") or key in ("past_key_value", "past_key_values"):
+            out[key] = None
+        elif key == "use_cache":
+            out[key] = False
+        else:
+            out[key] = _expand(value, batch, k)
+    return out
+
+
+class _Variants:
+    """k stacked variants, variant i patching the edges sender[i] -> receivers: the masks of which
+    receiver inputs each variant changes, and each variant's (this run's out - corrupt out)."""
+
+    def __init__(self, engine: MaskedEdgeEngine, senders: list[str], receivers: list[str], record: CleanRecord,
+                 ablated: Float[torch.Tensor, "sender batch pos d_model"], start: int):
+        graph = engine.graph
+        self.engine, self.graph, self.k, self.batch = engine, graph, len(senders), record.outputs.shape[1]
+        self.index = [graph.sender_index[s] for s in senders]
+        self.ablated = ablated
+        chosen = torch.zeros(graph.n_receivers, dtype=torch.bool)
+        chosen[[graph.receiver_index[r] for r in receivers]] = True
+        reach = torch.tensor([graph.senders_before(j) for j in range(graph.n_receivers)])
+        # mask[j, i]: receiver j is patched in variant i (j in R and sender i has an edge into j)
+        self.mask = (chosen.unsqueeze(1) & (torch.tensor(self.index).unsqueeze(0) < reach.unsqueeze(1))).float()
+        upstream = graph.sender_block(start).start
+        # variants whose sender lies before layer `start` know their difference already
+        self.diff: list[torch.Tensor | None] = [
+            record.outputs[s] - ablated[s] if s < upstream else None for s in self.index]
+
+    def set_outputs(self, first: int, outputs: Float[torch.Tensor, "n rows pos d_model"]) -> None:
+        """This run's outputs [n, k*batch, pos, d] of senders first..first+n-1 (graph order)."""
+        for i, s in enumerate(self.index):
+            if first <= s < first + outputs.shape[0]:
+                rows = slice(i * self.batch, (i + 1) * self.batch)
+                self.diff[i] = outputs[s - first, rows] - self.ablated[s]
+
+    def delta(self, receivers: slice | list[int]) -> Float[torch.Tensor, "receiver rows pos d_model"] | None:
+        """What each receiver loses per row: mask x diff, [n_receivers, k*batch, pos, d]; None if nothing."""
+        mask = self.mask[receivers]  # [r, k]
+        if not bool(mask.any()):
+            return None
+        parts = []
+        for i in range(self.k):
+            diff = self.diff[i]
+            if diff is None or not bool(mask[:, i].any()):
+                parts.append(None)
+                continue
+            parts.append(mask[:, i].view(-1, 1, 1, 1).to(diff.dtype) * diff.unsqueeze(0))
+        template = next(p for p in parts if p is not None)
+        zeros = torch.zeros_like(template)
+        return torch.cat([zeros if p is None else p for p in parts], dim=1)
+
+
+@torch.no_grad()
+def restart_sweep(engine: MaskedEdgeEngine, receivers: list[str], clean: Tokens, corrupt: Tokens, readout: Readout,
+                  positions: Positions, senders: list[str], *, columns: Int[torch.Tensor, " n_columns"] | None = None,
+                  max_batch: int = 256, advance: Advance | None = None) -> SenderSweep:
+    """Each of `senders` as the sole sender into resolved `receivers`, restarting at the earliest receiver
+    layer; `max_batch` rows (senders x prompts) per restarted forward. Two plain forwards (clean, corrupt)
+    record what the restart needs. readout/positions/columns: as in `direct_logit_sweep`."""
+    if max_batch < 1:
+        raise GraphError(f"max_batch must be at least 1 (rows per restarted forward), got {max_batch}")
+    engine.model.check_tokens(clean)
+    graph = engine.graph
+    start = restart_layer(engine, receivers)
+    record = record_clean(engine, clean, start)
+    bad = record_clean(engine, corrupt, graph.shape.n_layers)
+    clean_metric = float(readout(final_logits(engine.model, gather_positions(record.final, positions), columns)).mean())
+    corrupt_metric = float(readout(final_logits(engine.model, gather_positions(bad.final, positions), columns)).mean())
+    values, other = empty_values(graph), {}
+    batch = clean.shape[0]
+    per_stack = max(1, max_batch // batch)
+    for first in range(0, len(senders), per_stack):
+        part = senders[first:first + per_stack]
+        variants = _Variants(engine, part, receivers, record, bad.outputs, start)
+        logits = _run_from(engine, variants, record, start, positions, columns)  # [k*batch, n_read, vocab]
+        for sender, lg in zip(part, logits.unflatten(0, (len(part), batch)), strict=True):
+            fill_value(values, other, sender, float(readout(lg).mean()))
+        if advance is not None:
+            advance(len(part))
+    return SenderSweep(list(receivers), values, clean_metric, corrupt_metric, other)
+
+
+def _run_from(engine: MaskedEdgeEngine, variants: _Variants, record: CleanRecord, start: int, positions: Positions,
+              columns: Int[torch.Tensor, " n_columns"] | None) -> Float[torch.Tensor, "rows n_read vocab"]:
+    """Blocks start..L-1 on k stacked copies of the clean residual entering block `start`, with the
+    variants' receiver inputs patched; logits at `positions` only."""
+    graph, bridge, k, batch = engine.graph, engine.bridge, variants.k, variants.batch
+    seen: list[torch.Tensor | None] = [None, None, None]  # this block's rotary cos, sin and visible keys
+    n_layers = graph.shape.n_layers
+    args, _ = record.calls[start] if start < n_layers else ((record.final,), {})
+    x: Resid = args[0].repeat(k, 1, 1)
+    for layer in range(start, n_layers):
+        args, kwargs = record.calls[layer]
+        hooks = _layer_hooks(engine, variants, layer, x, seen)
+        with bridge.hooks(fwd_hooks=hooks):
+            out = bridge.blocks[layer](x, *args[1:], **_replay_kwargs(kwargs, batch, k))
+        x = out[0] if isinstance(out, tuple) else out
+    final = variants.delta([graph.n_receivers - 1])
+    if final is not None:
+        x = x - final[0]
+    rows = positions.repeat(k, 1)
+    return final_logits(engine.model, gather_positions(x, rows), columns)
+
+
+def _layer_hooks(engine: MaskedEdgeEngine, variants: _Variants, layer: int, resid: Resid,
+                 seen: list[torch.Tensor | None]) -> FwdHooks:
+    """Hooks of one restarted block: rotary tables and the attention mask kept (as the masked engine
+    does); with head receivers, z recomputed per (head, q/k/v) input; this layer's sender outputs
+    recorded; the MLP receiver's input patched."""
+    graph, bridge = engine.graph, engine.bridge
+    attention = engine.layers[layer]
+    heads = graph.head_receivers(layer)
+    block = graph.sender_block(layer)
+    needs_heads = any(block.start <= s < block.start + graph.shape.n_heads for s in variants.index)
+    hooks: FwdHooks = []
+
+    def keep(slot: int) -> Callable[[torch.Tensor, HookPoint], None]:
+        def hook(x: torch.Tensor, hook: HookPoint) -> None:
+            seen[slot] = visible_keys(x) if slot == 2 else x
+        return hook
+
+    def z_hook(z: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        delta = variants.delta(heads)
+        if delta is not None:
+            streams = resid.unsqueeze(0) - delta
+            z = attention.z(streams, seen[0], seen[1], seen[2]).to(z.dtype)
+        if needs_heads:
+            variants.set_outputs(block.start, attention.head_outputs(z))
+        return z
+
+    if attention.uses_hf_rotary:
+        hooks += [(hook_name("rot_cos", layer), keep(0)), (hook_name("rot_sin", layer), keep(1))]
+    if bool(variants.mask[heads].any()):
+        hooks.append((hook_name("pattern", layer), keep(2)))
+    if needs_heads or bool(variants.mask[heads].any()):
+        hooks.append((hook_name("z", layer), z_hook))
+    if not graph.shape.attn_only:
+        mlp = graph.mlp_receiver(layer)
+
+        def mlp_in(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+            delta = variants.delta([mlp])
+            return x if delta is None else x - delta[0]
+
+        def mlp_out(x: torch.Tensor, hook: HookPoint) -> None:
+            variants.set_outputs(block.stop - 1, x.unsqueeze(0))
+
+        if bool(variants.mask[mlp].any()):
+            hooks.append((mlp_input_hook(bridge, layer), mlp_in))
+        if any(s == block.stop - 1 for s in variants.index):
+            hooks.append((hook_name("mlp_out", layer), mlp_out))
+    return hooks
