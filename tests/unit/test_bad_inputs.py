@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from circuitlab.errors import CacheError, CircuitlabError, ModelLoadError, TaskError
+from circuitlab.errors import CacheError, CircuitlabError, MetricError, ModelLoadError, TaskError
 from circuitlab.models import cache, loading
 from circuitlab.tasks.files import load_task_file
 
@@ -37,11 +37,13 @@ class Case:
 
 # --- builders -----------------------------------------------------------------------------------------
 
-def task_file(content: bytes | str, suffix: str = ".jsonl", *, prepare: bool = False):
+def task_file(content: bytes | str, suffix: str = ".jsonl", *, prepare: bool = False, metric: str | None = None):
     def build(tmp: Path, _: pytest.MonkeyPatch) -> Action:
         path = tmp / f"task{suffix}"
         path.write_bytes(content.encode() if isinstance(content, str) else content)
-        return (lambda toy: load_task_file(path).prepare(toy)) if prepare else (lambda _toy: load_task_file(path))
+        if prepare:
+            return lambda toy: load_task_file(path, metric=metric).prepare(toy)
+        return lambda _toy: load_task_file(path, metric=metric)
     return build
 
 
@@ -94,6 +96,12 @@ def spec(text: str, *, env: dict[str, str] | None = None, chdir_with: str | None
 
 HF_CONFIG = json.dumps({"model_type": "llama"}).encode()
 NATIVE_CONFIG = json.dumps({"n_layers": 1}).encode()
+TL_FIELDS = dict(d_model=8, n_layers=1, n_heads=2, d_head=4, d_mlp=16, act_fn="relu", d_vocab=5, n_ctx=4)
+
+
+def tl_config(**fields: Any) -> bytes:
+    return json.dumps({k: v for k, v in {**TL_FIELDS, **fields}.items() if v is not None}).encode()
+
 GOOD = safetensors_bytes()
 GGUF_HEADER = b"GGUF" + struct.pack("<IQQ", 3, 1, 1)
 
@@ -142,6 +150,16 @@ CASES = [
     Case("task: clean_ids outside the vocabulary",
          task_file(jsonl(clean_ids=[0, 10**6], corrupt_ids=[0, 1]), prepare=True), TaskError,
          r"clean prompt token id 1000000 is outside"),
+    Case("task: a row without an answer names output:K", task_file(json.dumps({"clean": "a", "corrupt": "b"}) + "\n"),
+         TaskError, r"lacks field\(s\) \['answer'\].*with the metric output:K, 'answer' is not needed"),
+    Case("task: output:K accepts rows without an answer",
+         task_file(json.dumps({"clean": "a", "corrupt": "b"}) + "\n", metric="output:0"), None),
+    Case("task: output metric with a negative K", task_file(jsonl(), metric="output:-1"), MetricError,
+         r"write output:K with K a non-negative integer"),
+    Case("task: output metric with K not a number", task_file(jsonl(), metric="output:x"), MetricError,
+         r"write output:K with K a non-negative integer"),
+    Case("task: output:K wider than the model's output", task_file(jsonl(), prepare=True, metric="output:100000"),
+         MetricError, r"output has \d+ dimensions .*choose K below"),
     Case("task: answer_pos past the prompt", task_file(jsonl(answer_pos=99), prepare=True), TaskError,
          r"answer_pos 99 is outside the clean prompt"),
     # model files
@@ -176,6 +194,33 @@ CASES = [
     Case("model: native_config.json a list",
          model_file("model.safetensors", GOOD, **{"native_config.json": b"[1, 2]"}), ModelLoadError,
          r"must hold a JSON object, not a list"),
+    Case("model: config.json neither HF nor TransformerLens",
+         model_file("model.safetensors", GOOD, **{"config.json": b'{"hidden_size": 8}'}), ModelLoadError,
+         r"neither an HF config \(it has no 'model_type' or 'architectures'\) nor a TransformerLens config "
+         r"\(it lacks 'd_model' and 'n_layers'"),
+    Case("model: TransformerLens config with parallel attention and MLP",
+         model_file("model.safetensors", GOOD, **{"config.json": tl_config(parallel_attn_mlp=True)}), ModelLoadError,
+         r"TransformerLens config that circuitlab cannot build: parallel attention and MLP"),
+    Case("model: TransformerLens config with ALiBi",
+         model_file("model.safetensors", GOOD, **{"config.json": tl_config(positional_embedding_type="alibi")}),
+         ModelLoadError, r"positional_embedding_type 'alibi' \(supported: standard, rotary\)"),
+    Case("model: TransformerLens config without d_head",
+         model_file("model.safetensors", GOOD, **{"config.json": tl_config(d_head=None)}), ModelLoadError,
+         r"missing field 'd_head'"),
+    Case("model: TransformerLens config with a text d_vocab",
+         model_file("model.safetensors", GOOD, **{"config.json": tl_config(d_vocab="5")}), ModelLoadError,
+         r"field 'd_vocab' must be a positive integer, got '5'"),
+    Case("model: TransformerLens config with an unknown act_fn",
+         model_file("model.safetensors", GOOD, **{"config.json": tl_config(act_fn="gelu_fast")}), ModelLoadError,
+         r"act_fn 'gelu_fast' \(supported: "),
+    Case("model: TransformerLens dir without weights", model_file("config.json", tl_config()), ModelLoadError,
+         r"TransformerLens config.json but no model.safetensors"),
+    Case("model: TransformerLens dir, garbage model.safetensors",
+         model_file("model.safetensors", b"\x93garbage" * 10, **{"config.json": tl_config()}), ModelLoadError,
+         r"not a valid safetensors file: .*save_native"),
+    Case("model: TransformerLens dir, weights under unknown names",
+         model_file("model.safetensors", GOOD, **{"config.json": tl_config()}), ModelLoadError,
+         r"holds neither HookedTransformer keys \('embed.W_E'.*nor TransformerBridge state_dict keys"),
     # the cache
     Case("cache: truncated model.safetensors", cache_entry(_truncate), CacheError,
          r"cache entry .* is damaged: model.safetensors is .* bytes, the manifest says .*rebuilt on the next load"),

@@ -1,4 +1,5 @@
-"""`load_model(spec)`: resolve a spec (named, GGUF file, HF dir, hub id, native config) to a `Model`.
+"""`load_model(spec)`: resolve a spec (named, GGUF file, HF dir, TransformerLens dir, hub id, native config)
+to a `Model`.
 
 `check_spec(spec)` resolves what a spec names without loading anything (no torch, no transformers): an
 unknown name, a missing path, a damaged checkpoint file or an unreachable hub fail in milliseconds, before
@@ -30,24 +31,34 @@ from circuitlab.errors import CacheError, CircuitlabError, ModelLoadError
 from circuitlab.models import cache
 from circuitlab.models.checkpoint import check_gguf_header, check_safetensors, read_json_object
 from circuitlab.models.model import Model
+from circuitlab.models.native import (
+    LEGACY_CONFIG,
+    TL_CONFIG,
+    check_legacy_dir,
+    check_tl_dir,
+    config_format,
+    load_legacy_dir,
+    load_native,
+    load_tl_dir,
+    save_native,
+)
 from circuitlab.models.specs import DEFAULT_SPEC, KNOWN_SPECS
 from circuitlab.progress import status
 
-NATIVE_CONFIG = "native_config.json"
-NATIVE_WEIGHTS = "model.safetensors"
 HUB_PROBE_TIMEOUT_S = 3.0  # a reachable hub answers a TCP connect in well under a second
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _TRUTHY = {"1", "ON", "YES", "TRUE"}
 
-SourceKind = Literal["known", "gguf", "hf_dir", "native_dir", "hub", "config"]
+SourceKind = Literal["known", "gguf", "hf_dir", "tl_dir", "native_dir", "hub", "config"]
 
 
 @dataclass(frozen=True)
 class ModelSource:
     """What a model spec names, found without loading it.
 
-    kind: a known packaged name, a .gguf file, a local HF model dir, a native circuitlab model dir, an HF
-    hub id, or a native config object. path: the file or directory (for a hub id: its local snapshot
+    kind: a known packaged name, a .gguf file, a local HF model dir, a TransformerLens-format dir
+    (config.json with TransformerLens fields + model.safetensors, what `save_native` writes), an older
+    circuitlab native dir (native_config.json), an HF hub id, or a native config object. path: the file or directory (for a hub id: its local snapshot
     when the hub is offline but the model is in the local HF cache, else None).
     """
 
@@ -75,15 +86,20 @@ def check_spec(spec: str | Path | dict | Any) -> ModelSource:
         return ModelSource("known", text)
     path = Path(text).expanduser()
     if path.is_dir():
-        if (path / NATIVE_CONFIG).is_file():
-            _check_native_dir(path)
-            return ModelSource("native_dir", text, path)
-        if (path / "config.json").is_file():
+        if (path / TL_CONFIG).is_file():
+            fix = "the download or copy looks incomplete: fetch or save the model again"
+            config = read_json_object(path / TL_CONFIG, what="model config", fix=fix)
+            if config_format(config, path / TL_CONFIG) == "tl":
+                check_tl_dir(path, config)
+                return ModelSource("tl_dir", text, path)
             _check_hf_dir(path)
             return ModelSource("hf_dir", text, path)
+        if (path / LEGACY_CONFIG).is_file():
+            check_legacy_dir(path)
+            return ModelSource("native_dir", text, path)
         raise ModelLoadError(
-            f"{path} is a directory but holds neither config.json (HF model) nor {NATIVE_CONFIG} "
-            "(native circuitlab model)"
+            f"{path} is a directory but holds neither config.json (an HF or TransformerLens model) nor "
+            f"{LEGACY_CONFIG} (an older circuitlab native model)"
         )
     if path.is_file():
         if path.suffix != ".gguf":
@@ -115,7 +131,9 @@ def load_model(
     """Load a model as a `Model` wrapping a TransformerBridge.
 
     spec: a known name (`smollm2-135m`, `gemma3-270m`), a `.gguf` file, a local HF model directory, a
-    directory with `native_config.json` + `model.safetensors`, a TransformerLens native config (dict or
+    TransformerLens-format directory (`config.json` with TransformerLens config fields + `model.safetensors`
+    with HookedTransformer or TransformerBridge keys; see `circuitlab.models.native`), an older circuitlab
+    directory (`native_config.json` + `model.safetensors`), a TransformerLens native config (dict or
     `TransformerBridgeConfig`, for toy models), or an HF hub id (needs network, or the model in the local
     HF cache).
     """
@@ -153,8 +171,10 @@ def _load(source: ModelSource, spec: Any, *, dtype: torch.dtype, trust_remote_co
     assert source.path is not None or source.kind == "hub"
     if source.kind == "gguf":
         return load_gguf(source.path, name=source.spec, architecture_id=None, dtype=dtype)  # type: ignore[arg-type]
+    if source.kind == "tl_dir":
+        return load_tl_dir(source.path, dtype=dtype)  # type: ignore[arg-type]
     if source.kind == "native_dir":
-        return load_native_dir(source.path, dtype=dtype)  # type: ignore[arg-type]
+        return load_legacy_dir(source.path, dtype=dtype)  # type: ignore[arg-type]
     location = str(source.path) if source.path is not None else source.spec
     model = load_hf(location, name=source.spec, dtype=dtype, trust_remote_code=trust_remote_code)
     model.source = source.spec
@@ -174,15 +194,6 @@ def _check_hf_dir(path: Path) -> None:
         )
     for file in weights:
         check_safetensors(file, fix=fix)
-
-
-def _check_native_dir(path: Path) -> None:
-    fix = "save the model again with circuitlab.models.loading.save_native"
-    read_json_object(path / NATIVE_CONFIG, what="native model config", fix=fix)
-    weights = path / NATIVE_WEIGHTS
-    if not weights.is_file():
-        raise ModelLoadError(f"{path} has {NATIVE_CONFIG} but no {NATIVE_WEIGHTS}; {fix}")
-    check_safetensors(weights, fix=fix)
 
 
 def _looks_like_hub_id(text: str) -> bool:
@@ -393,77 +404,6 @@ def _dequantize_gguf(path: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(str(out_dir))
 
 
-# --- native (toy) models ---------------------------------------------------------------------------
-
-def load_native(config: Any, *, dtype: torch.dtype = torch.float32, tokenizer: Any = None, name: str = "native") -> Model:
-    """A TransformerLens native model (`TransformerBridge.boot_native`) from a config dict or object."""
-    from transformer_lens.config import TransformerBridgeConfig
-    from transformer_lens.model_bridge import TransformerBridge
-
-    if isinstance(config, dict):
-        try:
-            config = TransformerBridgeConfig.from_dict(config)
-        except TypeError as exc:
-            raise ModelLoadError(f"invalid native model config: {exc}") from exc
-    if not isinstance(config, TransformerBridgeConfig):
-        raise ModelLoadError(
-            f"cannot load a model from a {type(config).__name__}; pass a spec string, a path, or a "
-            "TransformerBridgeConfig / dict for a native model"
-        )
-    # The tokenizer stays on the Model only: the bridge would try to re-load it by name from the hub.
-    bridge = TransformerBridge.boot_native(config, dtype=dtype)  # type: ignore[attr-defined]
-    bridge.eval()  # boot_native returns training mode; analyses (and TL's patching) need eval
-    return Model(bridge=bridge, tokenizer=tokenizer, spec=name, source="native")
-
-
-def save_native(model: Model, out_dir: str | Path, config: Any) -> Path:
-    """Write a native model as `native_config.json` + `model.safetensors` (+ tokenizer if it has one)."""
-    import json
-
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = config if isinstance(config, dict) else config.to_dict()
-    cfg = {k: v for k, v in cfg.items() if _json_safe(v)}
-    (out / NATIVE_CONFIG).write_text(json.dumps(cfg, indent=2))
-    state = {k: v.detach().contiguous().clone() for k, v in model.bridge.original_model.state_dict().items()}
-    save_file(state, str(out / NATIVE_WEIGHTS))
-    if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(str(out))
-    return out
-
-
-def load_native_dir(path: Path, *, dtype: torch.dtype = torch.float32) -> Model:
-    """A directory written by `save_native` (its files are checked before anything parses them)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    _check_native_dir(path)
-    fix = "save the model again with circuitlab.models.loading.save_native"
-    config = read_json_object(path / NATIVE_CONFIG, what="native model config", fix=fix)
-    tokenizer = None
-    if (path / "tokenizer.json").is_file():
-        from transformers import PreTrainedTokenizerFast
-
-        try:
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
-        except Exception as exc:  # the tokenizers library raises plain Exception subclasses
-            raise ModelLoadError(f"{path / 'tokenizer.json'} cannot be read ({exc}); {fix}") from exc
-    model = load_native(config, dtype=dtype, tokenizer=tokenizer, name=str(path))
-    weights = path / NATIVE_WEIGHTS
-    try:
-        state = load_file(str(weights))
-    except SafetensorError as exc:
-        raise ModelLoadError(f"{weights} cannot be read ({exc}); {fix}") from exc
-    missing, unexpected = model.bridge.original_model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ModelLoadError(
-            f"{weights} does not fit the config in {NATIVE_CONFIG}: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-    model.source = str(path)
-    return model
-
-
-def _json_safe(value: Any) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str, list, dict))
+# --- native models: see native.py ----------------------------------------------------------------------
+# Re-exported here, where callers have always found them.
+__all__ = ["check_spec", "load_model", "load_native", "save_native", "ModelSource", "hub_unreachable"]

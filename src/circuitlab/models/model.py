@@ -55,7 +55,21 @@ class Model:
 
     @property
     def d_vocab(self) -> int:
+        """Input vocabulary size: token ids run from 0 to d_vocab - 1."""
         return int(self.cfg.d_vocab)
+
+    @property
+    def d_vocab_out(self) -> int:
+        """Width of the logits (the output vocabulary), read from the unembedding the forward uses.
+
+        Usually d_vocab; compiled models often have fewer outputs than inputs, and a regression model one.
+        """
+        unembed = getattr(self.bridge, "unembed", None)
+        weight = getattr(unembed, "W_U", None) if unembed is not None else None
+        if isinstance(weight, torch.Tensor):
+            return int(weight.shape[-1])
+        width = int(getattr(self.cfg, "d_vocab_out", -1) or -1)
+        return width if width > 0 else self.d_vocab
 
     @property
     def attn_only(self) -> bool:
@@ -71,6 +85,7 @@ class Model:
             "n_kv_heads": self.n_kv_heads,
             "d_model": self.d_model,
             "d_vocab": self.d_vocab,
+            "d_vocab_out": self.d_vocab_out,
             "n_ctx": self.n_ctx,
             "bos_token_id": self.bos_token_id,
         }

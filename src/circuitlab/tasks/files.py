@@ -3,12 +3,13 @@
 Schema (one example per line / row):
   clean    (str)  the clean prompt
   corrupt  (str)  the corrupt prompt (same token length when positions must align)
-  answer   (str or list of str)  the correct next token(s), e.g. " Mary"
+  answer   (str or list of str)  the correct next token(s), e.g. " Mary" (not needed by the metric output:K)
   wrong    (str or list of str, optional)  the incorrect next token(s), e.g. " John" (needed by logit_diff)
 Optional structural fields (see `Example`): clean_ids, corrupt_ids, answer_ids, wrong_ids, targets (lists
 of token ids, used as given: no BOS is added), answer_pos (int), subject (str), extra (object of ints or
 lists of ints). A row that gives `clean_ids` may omit `clean`, likewise `corrupt_ids` / `corrupt` and
-`answer_ids` / `answer`. Any other field is kept in `Example.meta`.
+`answer_ids` / `answer`; with token ids only, a model needs no tokenizer. Any other field is kept in
+`Example.meta`.
 In CSV, list fields are written with `|` between items (" Paris| London", "1|4005|17"), and `extra` as a
 JSON object.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from circuitlab.errors import TaskError
+from circuitlab.tasks.metrics import get_metric, needs_answers
 from circuitlab.tasks.task import STRUCTURAL_FIELDS, Example, Task
 
 REQUIRED = ("clean", "corrupt", "answer")
@@ -29,12 +31,19 @@ REQUIRED = ("clean", "corrupt", "answer")
 IDS_FOR = {"clean": "clean_ids", "corrupt": "corrupt_ids", "answer": "answer_ids"}
 _ID_LISTS = ("clean_ids", "corrupt_ids", "answer_ids", "wrong_ids", "targets")
 SCHEMA_HINT = (f"each example needs {list(REQUIRED)} (or their token ids {list(IDS_FOR.values())}), "
-               "plus optional 'wrong'")
+               "plus optional 'wrong'; with the metric output:K, 'answer' is not needed")
 
 
 def load_task_file(path: str | Path, *, metric: str | None = None) -> Task:
-    """A `Task` from a .jsonl or .csv file; every problem is a TaskError naming the line and the fix."""
+    """A `Task` from a .jsonl or .csv file; every problem is a TaskError naming the line and the fix.
+
+    `metric` overrides the default (logit_diff when every row has a wrong answer, else logprob); with
+    `output:K` the rows need no answer.
+    """
     path = Path(path)
+    if metric is not None:
+        get_metric(metric)
+    required = REQUIRED if metric is None or needs_answers(metric) else ("clean", "corrupt")
     if not path.is_file():
         raise TaskError(f"task file {path} does not exist")
     if path.suffix not in (".jsonl", ".csv"):
@@ -44,7 +53,7 @@ def load_task_file(path: str | Path, *, metric: str | None = None) -> Task:
     examples = []
     for where, row in rows:
         try:
-            examples.append(_example(row))
+            examples.append(_example(row, required))
         except TaskError as exc:
             raise TaskError(f"{where}: {exc}") from None
     if not examples:
@@ -127,8 +136,8 @@ def _int(where: str, key: str, text: str) -> int:
         raise TaskError(f"{where}: {key!r} must hold integers separated by '|', got {text!r}") from None
 
 
-def _example(row: dict[str, Any]) -> Example:
-    missing = [k for k in REQUIRED if row.get(k) in (None, "", []) and row.get(IDS_FOR[k]) is None]
+def _example(row: dict[str, Any], required: tuple[str, ...]) -> Example:
+    missing = [k for k in required if row.get(k) in (None, "", []) and row.get(IDS_FOR[k]) is None]
     if missing:
         raise TaskError(f"lacks field(s) {missing}; {SCHEMA_HINT}")
     structural = {k: row[k] for k in STRUCTURAL_FIELDS if row.get(k) is not None}

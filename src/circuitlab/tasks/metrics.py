@@ -2,10 +2,16 @@
 
 A metric takes `logits [batch, pos, vocab]` and a `TaskBatch` and returns `[batch]`. Averages over a
 dataset are taken by the caller (`PreparedTask.mean_metric`), so every gradient method can reuse these.
+
+Named metrics (`logit_diff`, `logprob`, `prob`, `kl`) score answer tokens. `output:K` scores no token: it
+is the raw output value of dimension K at the answer position, for models whose output is a number (a
+regression read from one output dimension) rather than a next token; such a task needs no answers.
+Definitions: docs/METHODS.md, "Tasks and metrics".
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -20,6 +26,8 @@ if TYPE_CHECKING:
 
 MetricFn = Callable[[torch.Tensor, "TaskBatch"], torch.Tensor]
 METRICS: dict[str, MetricFn] = {}
+OUTPUT_PREFIX = "output:"
+_OUTPUT = re.compile(r"^output:([0-9]+)$")  # ASCII digits only: int() would take others
 
 
 def register_metric(name: str) -> Callable[[MetricFn], MetricFn]:
@@ -31,9 +39,49 @@ def register_metric(name: str) -> Callable[[MetricFn], MetricFn]:
 
 
 def get_metric(name: str) -> MetricFn:
-    if name not in METRICS:
-        raise MetricError(f"unknown metric {name!r}; choose one of {sorted(METRICS)}")
-    return METRICS[name]
+    """The metric called `name`: a registered one, or `output:K`; a MetricError naming the choices otherwise.
+
+    Needs no model, so a typo fails before the model loads; `check_output_width` checks K once it has.
+    """
+    if name in METRICS:
+        return METRICS[name]
+    dim = output_dim(name)
+    if dim is not None:
+        return _output_metric(dim)
+    raise MetricError(f"unknown metric {name!r}; choose one of {sorted(METRICS)} or output:K (the raw output "
+                      "value of dimension K, K a non-negative integer)")
+
+
+def output_dim(name: str) -> int | None:
+    """K for the metric `output:K`, None for any other name; a MetricError when K is not a non-negative int."""
+    if not name.startswith(OUTPUT_PREFIX):
+        return None
+    match = _OUTPUT.match(name)
+    if match is None:
+        raise MetricError(f"metric {name!r}: write output:K with K a non-negative integer, e.g. output:0")
+    return int(match.group(1))
+
+
+def needs_answers(name: str) -> bool:
+    """Whether the metric scores answer tokens (every metric except `output:K`)."""
+    return output_dim(name) is None
+
+
+def check_output_width(name: str, width: int, model_name: str) -> None:
+    """MetricError when `output:K` asks for a dimension the model's output (`width` wide) does not have."""
+    dim = output_dim(name)
+    if dim is not None and dim >= width:
+        raise MetricError(f"metric {name!r}: {model_name}'s output has {width} dimensions (0 to {width - 1}); "
+                          f"choose K below {width}")
+
+
+def _output_metric(dim: int) -> MetricFn:
+    def output(logits: torch.Tensor, batch: TaskBatch) -> Float[torch.Tensor, " batch"]:
+        """The raw output value of dimension `dim` at the answer position (no softmax, no answer set)."""
+        check_output_width(f"{OUTPUT_PREFIX}{dim}", logits.shape[-1], "the model")
+        return _answer_logits(logits, batch)[:, dim]
+
+    return output
 
 
 def _answer_logits(logits: torch.Tensor, batch: TaskBatch) -> Float[torch.Tensor, "batch vocab"]:

@@ -46,7 +46,7 @@ def make_task(
             kwargs["n"] = n
         task = fn(model, seed=seed, **kwargs)
     elif Path(name_or_path).suffix in (".jsonl", ".csv"):
-        task = load_task_file(name_or_path).subset(n)
+        task = load_task_file(name_or_path, metric=metric).subset(n)
     else:
         raise TaskError(
             f"unknown task {name_or_path!r}: use a built-in ({', '.join(sorted(GENERATORS))}) "

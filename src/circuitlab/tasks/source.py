@@ -51,7 +51,7 @@ class TaskSource:
                             ".jsonl/.csv file")
         from circuitlab.tasks.files import load_task_file
 
-        load_task_file(path)  # parses and validates every row now, not after the model has loaded
+        load_task_file(path, metric=self.metric)  # parses and validates every row now, before the model loads
 
     def build(self, model: Model) -> Task:
         if self.task is not None:

@@ -17,7 +17,7 @@ from jaxtyping import Float, Int
 
 from circuitlab.errors import TaskError, TokenizationError
 from circuitlab.models.model import Model
-from circuitlab.tasks.metrics import get_metric
+from circuitlab.tasks.metrics import check_output_width, get_metric, needs_answers
 from circuitlab.tasks.options import check_n
 
 # Example fields that analyses read; anything else a task carries is free-form `meta`.
@@ -31,8 +31,10 @@ class Example:
 
     Optional structural fields, read by `Task.prepare` and the analyses:
     - clean_ids, corrupt_ids: the prompts as token ids, used as given (no BOS is added), for token-level
-      tasks whose text would not round-trip through the tokenizer (induction on random tokens);
-    - answer_ids, wrong_ids: the answer sets as token ids (instead of tokenizing `answer` / `wrong`);
+      tasks whose text would not round-trip through the tokenizer (induction on random tokens) and for
+      models without a tokenizer;
+    - answer_ids, wrong_ids: the answer sets as token ids (instead of tokenizing `answer` / `wrong`),
+      indexing the model's logits (0 to d_vocab_out - 1);
     - answer_pos: the position whose next-token logits are scored (default: the last; negative counts
       from the end);
     - targets: one token id per clean position for per-position metrics, -1 where not scored;
@@ -255,6 +257,7 @@ class PreparedTask:
 
     @staticmethod
     def build(task: Task, model: Model) -> PreparedTask:
+        check_output_width(task.metric, model.d_vocab_out, model.spec)
         rows = [_tokenize_example(task, model, i, ex) for i, ex in enumerate(task.examples)]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, r in enumerate(rows):
@@ -286,18 +289,19 @@ def _tokenize_example(task: Task, model: Model, i: int, ex: Example) -> dict:
             f"so positions align, but clean is {len(clean)} tokens {model.str_tokens(clean)} and corrupt is "
             f"{len(corrupt)} tokens {model.str_tokens(corrupt)}; pick a corruption with the same tokenization"
         )
-    if not ex.answer and not ex.answer_ids:
-        raise TaskError(f"{where} has no answer; give 'answer' (text) or 'answer_ids'")
-    if ex.answer_ids:
-        answers, wrong = list(ex.answer_ids), list(ex.wrong_ids or [])
+    if not ex.answer and not ex.answer_ids and needs_answers(task.metric):
+        raise TaskError(f"{where} has no answer; give 'answer' (text) or 'answer_ids', or score a model whose "
+                        "output is a number with the metric output:K")
+    if ex.answer_ids or not ex.answer:  # ids as given, or no answer at all (output:K scores none)
+        answers, wrong = list(ex.answer_ids or []), list(ex.wrong_ids or [])
     elif task.single_token_answers:
         answers = [model.single_token_id(a) for a in ex.answer]
         wrong = list(ex.wrong_ids) if ex.wrong_ids is not None else [model.single_token_id(w) for w in ex.wrong]
     else:  # first token of each answer string
         answers = [model.encode(a, bos=False)[0] for a in ex.answer]
         wrong = list(ex.wrong_ids) if ex.wrong_ids is not None else [model.encode(w, bos=False)[0] for w in ex.wrong]
-    _check_vocab(model, where, "answer", answers)
-    _check_vocab(model, where, "wrong answer", wrong)
+    _check_vocab(model, where, "answer", answers, output=True)
+    _check_vocab(model, where, "wrong answer", wrong, output=True)
     answer_pos = len(clean) - 1 if ex.answer_pos is None else ex.answer_pos
     if not -len(clean) <= answer_pos < len(clean):
         raise TaskError(f"{where}: answer_pos {answer_pos} is outside the clean prompt's {len(clean)} tokens")
@@ -306,20 +310,23 @@ def _tokenize_example(task: Task, model: Model, i: int, ex: Example) -> dict:
         if len(targets) != len(clean):
             raise TaskError(f"{where}: targets has {len(targets)} entries but the clean prompt has {len(clean)} "
                             "tokens; give one target id per position (-1 where not scored)")
-        _check_vocab(model, where, "target", [t for t in targets if t != -1])
+        _check_vocab(model, where, "target", [t for t in targets if t != -1], output=True)
     return {
         "clean": clean, "corrupt": corrupt, "answers": answers, "wrong": wrong,
         "answer_pos": answer_pos % len(clean), "targets": targets, "extra": ex.extra,
     }
 
 
-def _check_vocab(model: Model, where: str, label: str, ids: list[int]) -> None:
-    """Ids index the model's logits (width d_vocab): one outside is a TaskError, not an index error."""
-    bad = [t for t in ids if not 0 <= t < model.d_vocab]
+def _check_vocab(model: Model, where: str, label: str, ids: list[int], *, output: bool = False) -> None:
+    """Prompt ids index the embedding (d_vocab wide); answer and target ids index the logits (d_vocab_out
+    wide, often narrower in compiled models). One outside is a TaskError, not an index error mid-run."""
+    width = model.d_vocab_out if output else model.d_vocab
+    bad = [t for t in ids if not 0 <= t < width]
     if bad:
+        what = "output vocabulary (the logits' width" if output else "vocabulary (the embedding's size"
         raise TaskError(
-            f"{where}: {label} token id {bad[0]} is outside {model.spec}'s vocabulary (ids 0 to "
-            f"{model.d_vocab - 1}); token ids must come from this model's tokenizer"
+            f"{where}: {label} token id {bad[0]} is outside {model.spec}'s {what}: ids 0 to {width - 1}); "
+            "token ids must come from this model's tokenizer"
         )
 
 

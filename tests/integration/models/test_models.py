@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -12,6 +10,12 @@ from circuitlab.models import cache
 from circuitlab.models.specs import KNOWN_SPECS
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
+# The bridge runs the HF modules themselves (its hooks are identities), and the cache holds the dequantized
+# fp32 tensors as they were, so each comparison below is one float32 computation against itself: equal on
+# this machine (measured 0.0). 16 eps32 relative to the largest logit leaves room for kernels that take a
+# different code path on a view or a non-contiguous tensor; a wrong weight or a missing norm moves logits by
+# far more than that.
+ROUNDING = 16 * torch.finfo(torch.float32).eps
 
 
 def test_shape_and_bos_policy(smollm):
@@ -31,7 +35,7 @@ def test_bridge_logits_equal_hf_logits(smollm):
     with torch.no_grad():
         ours = smollm.logits(tokens)
         ref = hf(tokens).logits
-    assert (ours - ref).abs().max().item() <= 1e-4
+    assert (ours - ref).abs().max().item() <= ROUNDING * ref.abs().max().item()
     mary, john = smollm.single_token_id(" Mary"), smollm.single_token_id(" John")
     assert (ours[0, -1, mary] - ours[0, -1, john]).item() > 3
 
@@ -48,15 +52,15 @@ def test_gguf_to_cache_to_reload_gives_identical_logits(tmp_path, monkeypatch, s
     assert "model.safetensors" in cache.read_manifest(entry)["files"]  # size and sha256 recorded with the entry
     cache.check_entry(entry)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
-    start = time.perf_counter()
-    warm = load_model("smollm2-135m")
-    assert time.perf_counter() - start < 10  # generous for a shared CI machine; benchmarks/load.py measures it
+    written = (entry / "model.safetensors").stat().st_mtime_ns
+    warm = load_model("smollm2-135m")  # its speed is measured by benchmarks/load.py, not asserted here
+    assert warm.extra["cache_dir"] == str(entry) and (entry / "model.safetensors").stat().st_mtime_ns == written
     direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, attn_implementation="eager")
     tokens = smollm.to_tokens(PROMPT)
     with torch.no_grad():
         a, b, c = cold.logits(tokens), warm.logits(tokens), direct(tokens).logits
     assert torch.equal(a, b)
-    assert (a - c).abs().max().item() <= 1e-4
+    assert (a - c).abs().max().item() <= ROUNDING * c.abs().max().item()
 
 
 def test_gguf_file_path_spec_loads(smollm, capfd):

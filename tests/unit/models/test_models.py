@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -48,24 +46,6 @@ def test_model_without_tokenizer_names_the_fix():
     assert m.str_tokens([1, 2]) == ["<1>", "<2>"]
 
 
-def test_native_dir_round_trip_gives_identical_logits(tmp_path, toy):
-    cfg = toy_config(d_vocab=len(toy.tokenizer), seed=0)
-    save_native(toy, tmp_path / "m", cfg)
-    again = load_model(tmp_path / "m")
-    tokens = toy.to_tokens("When Mary and John went to the store")
-    assert torch.equal(toy.logits(tokens), again.logits(tokens))
-    assert again.encode("Mary John") == toy.encode("Mary John")
-
-
-def test_native_dir_with_mismatched_weights_is_clear_error(tmp_path, toy):
-    cfg = toy_config(d_vocab=len(toy.tokenizer), seed=0)
-    save_native(toy, tmp_path / "m", cfg)
-    bigger = dict(cfg, n_layers=3)
-    (tmp_path / "m" / "native_config.json").write_text(json.dumps(bigger))
-    with pytest.raises(ModelLoadError, match="does not fit"):
-        load_model(tmp_path / "m")
-
-
 @pytest.mark.parametrize(
     "spec, message",
     [("no-such-model", "unknown model spec"), ("/nonexistent/file.gguf", "does not exist")],
@@ -90,7 +70,7 @@ def test_native_config_dict_and_bad_type():
 def test_check_spec_names_each_source_without_loading(tmp_path, toy, monkeypatch):
     cfg = toy_config(d_vocab=len(toy.tokenizer), seed=0)
     save_native(toy, tmp_path / "native", cfg)
-    assert check_spec(tmp_path / "native") == ModelSource("native_dir", str(tmp_path / "native"), tmp_path / "native")
+    assert check_spec(tmp_path / "native") == ModelSource("tl_dir", str(tmp_path / "native"), tmp_path / "native")
     assert check_spec("smollm2-135m").kind == "known"
     assert check_spec(cfg).kind == "config"
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
