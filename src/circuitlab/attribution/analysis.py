@@ -11,6 +11,7 @@ prompt of the task). See docs/METHODS.md for each method.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,12 @@ from jaxtyping import Float
 
 from circuitlab.analysis import Analysis, NoParams
 from circuitlab.attribution import plots
-from circuitlab.attribution.attention_flow import attention_flow, attention_patterns, attention_rollout
+from circuitlab.attribution.attention_flow import (
+    attention_flow,
+    attention_patterns,
+    attention_rollout,
+    normalised_flow,
+)
 from circuitlab.attribution.attention_gradient import AttentionGradient, attention_times_gradient
 from circuitlab.attribution.attribution_patching import (
     DEFAULT_SITES,
@@ -29,6 +35,7 @@ from circuitlab.attribution.attribution_patching import (
     attribution_patching,
     check_sites,
 )
+from circuitlab.attribution.attribution_patching import check_direction as check_atp_direction
 from circuitlab.attribution.dla import ComponentAttribution, DirectLogitAttribution, direct_logit_attribution
 from circuitlab.attribution.integrated_gradients import (
     BASELINES,
@@ -47,6 +54,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 IG_BASELINES = ("auto", *BASELINES)  # auto: the corrupt prompt when there is one, else the pad token
+# Above this relative completeness gap an IG run says so on stderr and in its summary.
+COMPLETENESS_TOLERANCE = 0.01
 
 
 # --- options -------------------------------------------------------------------------------------------
@@ -68,26 +77,39 @@ class IGParams:
             raise AttributionError(f"hook must be a hook name such as {EMBED_HOOK!r}, got {self.hook!r}")
 
 
+BOS_CHOICES = ("auto", "include", "exclude")
+
+
 @dataclass(frozen=True)
 class PromptIndex:
-    """Rollout and flow: the prompt shown, counted over every prompt of the task from 0."""
+    """Rollout and flow: the prompt shown (`index`, counted over every prompt of the task from 0) and whether
+    BOS is a source (`bos`: "exclude" drops it and renormalises the rows; "include" keeps it; "auto", the
+    default, excludes it when the prompt starts with the model's BOS token)."""
 
     index: int = 0
+    bos: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.index, bool) or not isinstance(self.index, int) or self.index < 0:
             raise AttributionError(f"index must be an integer >= 0 (the task's prompts count from 0), got {self.index!r}")
+        if self.bos not in BOS_CHOICES:
+            raise AttributionError(f"unknown bos choice {self.bos!r}; choose include, exclude or auto (exclude when "
+                                   "the model has a BOS token)")
 
 
 @dataclass(frozen=True)
 class AtPParams:
-    """Attribution patching: the sites estimated (one backward gives them all)."""
+    """Attribution patching: the sites estimated (one backward gives them all) and the direction estimated
+    ("denoise": clean into corrupt, gradient at the corrupt run; "noise": corrupt into clean, gradient at
+    the clean run), named as in activation patching."""
 
     sites: tuple[str, ...] = DEFAULT_SITES
+    direction: str = "denoise"
 
     def __post_init__(self) -> None:
         sites = self.sites.split(",") if isinstance(self.sites, str) else self.sites
         object.__setattr__(self, "sites", check_sites(tuple(s.strip() for s in sites)))
+        check_atp_direction(self.direction)
 
 
 def _has_corrupt(task: Task) -> bool:
@@ -197,10 +219,26 @@ def _dla(model: Model, task: Task | None, params: NoParams) -> DLARun:
 
 @dataclass
 class IGRun:
-    """Integrated gradients of every prompt: one `IntegratedGradients` per token length."""
+    """Integrated gradients of every prompt: one `IntegratedGradients` per token length. `requested` is the
+    baseline asked for ("auto" resolves to "corrupt" or "pad"); `warning` is set when completeness misses
+    by more than `COMPLETENESS_TOLERANCE` of f(x) - f(x')."""
 
     groups: Groups
     parts: list[IntegratedGradients]
+    requested: str = ""
+    warning: str | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        gap = float(self._cat(lambda p: p.relative_gap).max())
+        if gap > COMPLETENESS_TOLERANCE:
+            first = self.parts[0]
+            why = (" (--baseline auto fell back to pad: no corrupt prompt was given)"
+                   if self.requested == "auto" and first.baseline == "pad" else "")
+            self.warning = (
+                f"integrated gradients misses completeness by {gap:.1%} of f(x) - f(x') with the {first.baseline} "
+                f"baseline{why}: the attributions do not add up to the metric change, so do not read them as "
+                f"shares of it. Fix: pass --corrupt (a corrupt prompt as the baseline; on SmolLM2 it meets "
+                f"completeness to 1e-6), or more --steps (now {first.steps}) if the gap shrinks with them")
 
     def _cat(self, get: Callable[[IntegratedGradients], torch.Tensor]) -> torch.Tensor:
         return torch.cat([get(p) for p in self.parts])
@@ -221,6 +259,9 @@ class IGRun:
             "f_baseline_mean": float(self._cat(lambda p: p.f_baseline).mean()),
             "max_completeness_gap": float(self._cat(lambda p: p.completeness_gap).max()),
             "max_relative_gap": float(self._cat(lambda p: p.relative_gap).max()),
+            "baseline_requested": self.requested or first.baseline,
+            "completeness_ok": self.warning is None,
+            **({"warning": self.warning} if self.warning else {}),
             **self.groups.info(),
         }
 
@@ -240,37 +281,56 @@ def _ig(model: Model, task: Task | None, params: IGParams) -> IGRun:
     if baseline == "auto":  # the corrupt prompt when there is one (see integrated_gradients.py)
         baseline = "corrupt" if _has_corrupt(prepared.task) else "pad"
     groups = Groups.of(prepared)
-    return IGRun(groups, [
+    run = IGRun(groups, [
         layer_integrated_gradients(model, batch, prepared.metric, hook=params.hook, baseline=baseline,
                                    steps=params.steps, rule=params.rule)
         for batch in groups.batches
-    ])
+    ], params.baseline)
+    if run.warning:  # loud: a number that does not add up must not pass silently
+        print(f"warning: {run.warning}", file=sys.stderr)
+    return run
 
 
 # --- attention rollout and flow ------------------------------------------------------------------------
 
 @dataclass
 class FlowRun:
-    """Rollout or flow of one prompt into its answer position: values [layer, source position]."""
+    """Rollout or flow of one prompt into its answer position: values [layer, source], source j being
+    prompt position `positions[j]` (1.. when BOS is excluded). For flow, `values` are normalised (each row
+    divided by its sum, as the authors' `compute_flows`) and `raw` keeps the max-flow values."""
 
     method: str
     prompt: int
     tokens: list[str]
     target_pos: int
     values: Float[torch.Tensor, "layer src"]
+    bos: str = "include"
+    positions: list[int] = field(default_factory=list)
+    raw: Float[torch.Tensor, "layer src"] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.positions:
+            self.positions = list(range(self.values.shape[1]))
 
     def records(self) -> list[dict[str, Any]]:
-        return [{"layer": layer, "pos": pos, "token": self.tokens[pos], "value": float(self.values[layer, pos])}
-                for layer in range(self.values.shape[0]) for pos in range(self.values.shape[1])]
+        rows = []
+        for layer in range(self.values.shape[0]):
+            for j, pos in enumerate(self.positions):
+                row = {"layer": layer, "pos": pos, "token": self.tokens[pos], "value": float(self.values[layer, j])}
+                if self.raw is not None:
+                    row["raw"] = float(self.raw[layer, j])
+                rows.append(row)
+        return rows
 
     def summary(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "target_pos": self.target_pos,
-                "final_layer": [float(v) for v in self.values[-1]]}
+        return {"prompt": self.prompt, "target_pos": self.target_pos, "bos": self.bos,
+                "sources": self.positions, "final_layer": [float(v) for v in self.values[-1]]}
 
     def figures(self) -> dict[str, Figure]:
+        shown = "BOS excluded" if self.bos == "exclude" else "BOS included"
         return {f"{self.method}.png": plots.heatmap(
-            self.values, xlabel="source token", ylabel="layer", xticklabels=self.tokens, signed=False,
-            title=f"attention {self.method} into position {self.target_pos} (prompt {self.prompt})")}
+            self.values, xlabel="source token", ylabel="layer", xticklabels=[self.tokens[p] for p in self.positions],
+            signed=False, title=f"attention {self.method} into position {self.target_pos} (prompt {self.prompt}, {shown})")}
 
 
 def _locate(prepared: PreparedTask, index: int) -> tuple[TaskBatch, int]:
@@ -286,15 +346,30 @@ def _flow_compute(method: str) -> Callable[[Model, Task | None, PromptIndex], Fl
     def compute(model: Model, task: Task | None, params: PromptIndex) -> FlowRun:
         prepared = _prepare(model, task)
         batch, row = _locate(prepared, params.index)
-        patterns = attention_patterns(model, batch.clean[row: row + 1])[0]
+        tokens = batch.clean[row: row + 1]
+        exclude = _exclude_bos(model, tokens, params.bos)
+        patterns = attention_patterns(model, tokens)[0]
         target = int(batch.answer_pos[row])
+        positions = list(range(int(exclude), tokens.shape[1]))
+        bos = "exclude" if exclude else "include"
+        str_tokens = prepared.str_tokens[params.index]
         if method == "rollout":
-            values = attention_rollout(patterns)[:, target, :]  # [layer, src]
-        else:
-            values = attention_flow(patterns, target=target)
-        return FlowRun(method, params.index, prepared.str_tokens[params.index], target, values)
+            values = attention_rollout(patterns, exclude_bos=exclude)[:, target - int(exclude), :]  # [layer, src]
+            return FlowRun(method, params.index, str_tokens, target, values, bos, positions)
+        raw = attention_flow(patterns, target=target, exclude_bos=exclude)
+        return FlowRun(method, params.index, str_tokens, target, normalised_flow(raw), bos, positions, raw)
 
     return compute
+
+
+def _exclude_bos(model: Model, tokens: torch.Tensor, bos: str) -> bool:
+    """Whether to drop position 0: 'auto' = when the prompt starts with the model's BOS token."""
+    starts_with_bos = model.bos_token_id is not None and int(tokens[0, 0]) == model.bos_token_id
+    if bos == "exclude" and not starts_with_bos:
+        raise AttributionError(f"--bos exclude: {model.spec}'s prompts do not start with a BOS token; use --bos include")
+    if bos == "exclude" and tokens.shape[1] < 2:
+        raise AttributionError("--bos exclude: the prompt is BOS alone; pass a longer prompt or --bos include")
+    return bos == "exclude" or (bos == "auto" and starts_with_bos and tokens.shape[1] > 1)
 
 
 # --- attention x gradient ------------------------------------------------------------------------------
@@ -336,9 +411,11 @@ class AttributionPatchingRun:
     """Attribution patching of every prompt.
 
     With one token length, `effects` are that batch's normalised effects. With several, each batch's cell
-    is its share of the whole task's normalised effect: (n_b / N) * raw_b / (clean - corrupt), with clean
-    and corrupt the means over all N prompts, so summing cells over batches and positions gives the
-    whole-task first-order effect (rows then carry the batch's token `length`).
+    is its share of the whole task's normalised value: (n_b / N) * (m_b - corrupt) / (clean - corrupt), m_b
+    the batch's estimated patched metric and clean, corrupt the means over all N prompts, so summing a cell
+    over batches gives the whole-task first-order value (rows then carry the batch's token `length`).
+    Over positions, the changes add: value(all positions) = base + sum_p (value_p - base), base = 0 for
+    denoising and 1 for noising (`bases` holds each batch's share of it).
     """
 
     groups: Groups
@@ -346,6 +423,7 @@ class AttributionPatchingRun:
     clean_metric: float = field(init=False)
     corrupt_metric: float = field(init=False)
     effects: list[dict[str, torch.Tensor]] = field(init=False)
+    bases: list[float] = field(init=False)
 
     def __post_init__(self) -> None:
         sizes = [b.size for b in self.groups.batches]
@@ -355,38 +433,46 @@ class AttributionPatchingRun:
         if len(self.parts) == 1:
             self.clean_metric, self.corrupt_metric = self.parts[0].clean_metric, self.parts[0].corrupt_metric
             self.effects = [self.parts[0].effects]
+            self.bases = [self.parts[0].baseline]
             return
         gap = self.clean_metric - self.corrupt_metric
         normalised(self.clean_metric, self.clean_metric, self.corrupt_metric)  # a MetricError when gap ~ 0
-        self.effects = [
-            {site: values * (s / n) * (p.clean_metric - p.corrupt_metric) / gap for site, values in p.effects.items()}
-            for s, p in zip(sizes, self.parts, strict=True)
-        ]
+        # Each batch's normalised values use its own clean/corrupt: re-express them on the task's scale.
+        weights = [(s / n) * (p.clean_metric - p.corrupt_metric) / gap for s, p in zip(sizes, self.parts, strict=True)]
+        self.effects = [{site: values * w for site, values in p.effects.items()}
+                        for w, p in zip(weights, self.parts, strict=True)]
+        self.bases = [p.baseline * w for w, p in zip(weights, self.parts, strict=True)]
+
+    @property
+    def direction(self) -> str:
+        return self.parts[0].direction
 
     def records(self) -> list[dict[str, Any]]:
         several = len(self.parts) > 1
         rows = []
         for length, effects in zip(self.groups.lengths, self.effects, strict=True):
-            part = AttributionPatching(effects, self.clean_metric, self.corrupt_metric)
+            part = AttributionPatching(effects, self.clean_metric, self.corrupt_metric, self.direction)
             rows += [{**r, "length": length} if several else r for r in part.records()]
         return rows
 
     def summary(self) -> dict[str, Any]:
-        return {"clean_metric": self.clean_metric, "corrupt_metric": self.corrupt_metric, **self.groups.info()}
+        return {"direction": self.direction, "clean_metric": self.clean_metric, "corrupt_metric": self.corrupt_metric,
+                **self.groups.info()}
 
     def figures(self) -> dict[str, Figure]:
         shown = self.groups.shown
         out = {}
         for site in self.effects[0]:
-            if site in HEAD_SITES:  # [layer, pos, head] -> each head over all positions (first order: the sum)
+            if site in HEAD_SITES:  # [layer, pos, head] -> each head over all positions (first order: changes add)
                 name = "atp_heads.png" if site == "z" else f"atp_{site}_heads.png"
-                heads = torch.stack([e[site].sum(1) for e in self.effects]).sum(0)
+                heads = sum(self.bases) + torch.stack(
+                    [(e[site] - base).sum(1) for e, base in zip(self.effects, self.bases, strict=True)]).sum(0)
                 out[name] = plots.heatmap(heads, xlabel="head", ylabel="layer",
-                                          title=f"attribution patching: {site} per head (all positions)")
+                                          title=f"attribution patching ({self.direction}): {site} per head (all positions)")
                 continue
             out[f"atp_{site}.png"] = plots.heatmap(
                 self.effects[shown][site], xlabel="position", ylabel="layer", xticklabels=self.groups.tokens[shown][0],
-                title=f"attribution patching: {site}" + self.groups.note())
+                title=f"attribution patching ({self.direction}): {site}" + self.groups.note())
         return out
 
 
@@ -395,7 +481,8 @@ def _atp(model: Model, task: Task | None, params: AtPParams) -> AttributionPatch
     if not _has_corrupt(prepared.task):
         raise AttributionError("attribution patching needs a corrupt prompt: pass --corrupt (or use --task)")
     groups = Groups.of(prepared)
-    return AttributionPatchingRun(groups, [attribution_patching(model, b, prepared.metric, sites=params.sites)
+    return AttributionPatchingRun(groups, [attribution_patching(model, b, prepared.metric, sites=params.sites,
+                                                                direction=params.direction)
                                            for b in groups.batches])
 
 

@@ -4,7 +4,14 @@ Both treat the network as a layered graph over token positions: node (l, i) is p
 (l = 0 is the input), and the edge (l-1, j) -> (l, i) carries A~_l[i, j], where A~_l = 0.5 A_l + 0.5 I is
 the head-averaged attention of layer l mixed with the residual connection, rows renormalised.
 Rollout multiplies the matrices: R_l = A~_l ... A~_1 and R_l[i, j] is the share of input j in node (l, i).
-Flow treats the weights as capacities: the maximum flow from input node (0, j) to node (l, i).
+Flow treats the weights as capacities: the maximum flow from input node (0, j) to node (l, i);
+`normalised_flow` divides each node's flows by their sum over inputs, as the authors' `compute_flows` does.
+
+BOS (`exclude_bos=True`): on models with an attention sink most heads put nearly all their weight on BOS,
+so rollout hands BOS nearly all of every row (0.99999 at SmolLM2's last layer) and says nothing about the
+other tokens. Excluding BOS drops its row and column from the head-averaged attention and renormalises
+each remaining row to sum 1 (the share of attention paid to the other tokens), before the residual mix;
+positions are then 1..n-1.
 """
 
 from __future__ import annotations
@@ -31,23 +38,35 @@ def attention_patterns(model: Model, tokens: torch.Tensor) -> Float[torch.Tensor
 
 
 def residual_attention(
-    patterns: Float[torch.Tensor, "... layer head q k"], residual: float = 0.5
+    patterns: Float[torch.Tensor, "... layer head q k"], residual: float = 0.5, *, exclude_bos: bool = False,
 ) -> Float[torch.Tensor, "... layer q k"]:
-    """A~_l = (1 - residual) * mean_h A_l,h + residual * I, each row renormalised to sum 1."""
+    """A~_l = (1 - residual) * mean_h A_l,h + residual * I, each row renormalised to sum 1.
+
+    exclude_bos: drop position 0 (row and column) from mean_h A_l,h and renormalise its rows to sum 1
+    first; the result then covers positions 1..n-1. A row with no weight left keeps only itself.
+    """
     _check_patterns(patterns)
     if not 0.0 <= residual <= 1.0:
         raise AttributionError(f"residual weight must lie in [0, 1], got {residual}")
     mean = patterns.mean(-3)
+    if exclude_bos:
+        if mean.shape[-1] < 2:
+            raise AttributionError("excluding BOS leaves no position: the prompt is BOS alone")
+        mean = mean[..., 1:, 1:]
+        total = mean.sum(-1, keepdim=True)
+        eye = torch.eye(mean.shape[-1], dtype=mean.dtype)
+        mean = torch.where(total > 0, mean / total.clamp(min=torch.finfo(mean.dtype).tiny), eye)
     eye = torch.eye(mean.shape[-1], dtype=mean.dtype)
     mixed = (1 - residual) * mean + residual * eye
     return mixed / mixed.sum(-1, keepdim=True)
 
 
 def attention_rollout(
-    patterns: Float[torch.Tensor, "... layer head q k"], residual: float = 0.5
+    patterns: Float[torch.Tensor, "... layer head q k"], residual: float = 0.5, *, exclude_bos: bool = False,
 ) -> Float[torch.Tensor, "... layer q k"]:
-    """R_l = A~_l @ ... @ A~_1 for every layer l (entry l of the layer axis is the rollout up to layer l)."""
-    mixed = residual_attention(patterns, residual)
+    """R_l = A~_l @ ... @ A~_1 for every layer l (entry l of the layer axis is the rollout up to layer l).
+    With `exclude_bos` the q and k axes are positions 1..n-1."""
+    mixed = residual_attention(patterns, residual, exclude_bos=exclude_bos)
     out = []
     joint = torch.eye(mixed.shape[-1], dtype=mixed.dtype).expand_as(mixed[..., 0, :, :])
     for layer in range(mixed.shape[-3]):
@@ -72,18 +91,23 @@ def flow_graph(mixed: Float[torch.Tensor, "layer q k"]) -> nx.DiGraph:
 
 def attention_flow(
     patterns: Float[torch.Tensor, "layer head q k"], *, target: int = -1, residual: float = 0.5,
-    layers: list[int] | None = None,
+    layers: list[int] | None = None, exclude_bos: bool = False,
 ) -> Float[torch.Tensor, "layer src"]:
-    """Max flow from each input token (0, j) to the target position's node after each layer.
+    """Max flow (raw, unnormalised) from each input token (0, j) to the target position's node after each layer.
 
     Row l of the result belongs to layer l (0-based, i.e. node l + 1); rows not in `layers` stay NaN.
-    One prompt at a time: patterns [layer, head, q, k].
+    One prompt at a time: patterns [layer, head, q, k]; `target` counts positions of the full prompt. With
+    `exclude_bos` the sources are positions 1..n-1 (column j is position j + 1). See `normalised_flow`.
     """
     if patterns.dim() != 4:
         raise AttributionError(f"attention_flow takes one prompt's patterns [layer, head, q, k], got {tuple(patterns.shape)}")
-    mixed = residual_attention(patterns, residual)
+    mixed = residual_attention(patterns, residual, exclude_bos=exclude_bos)
     n_layers, n_pos = mixed.shape[0], mixed.shape[-1]
-    target = target % n_pos
+    target = target % patterns.shape[-1]
+    if exclude_bos:
+        if target == 0:
+            raise AttributionError("the target position is BOS, which excluding BOS removes; choose another target")
+        target -= 1
     chosen = list(range(n_layers)) if layers is None else list(layers)
     graph = flow_graph(mixed)
     for layer in chosen:
@@ -101,6 +125,12 @@ def attention_flow(
                 out[layer, src] = flow.graph["flow_value"]
             advance(1)
     return out
+
+
+def normalised_flow(flow: Float[torch.Tensor, "layer src"]) -> Float[torch.Tensor, "layer src"]:
+    """Each row divided by its sum over sources (Abnar & Zuidema's `compute_flows`: flow_values[u] /=
+    flow_values[u].sum()), so a layer's row gives each input's share of the flow into the target."""
+    return flow / flow.sum(-1, keepdim=True)
 
 
 def _check_patterns(patterns: torch.Tensor) -> None:

@@ -1,11 +1,16 @@
 """Attribution patching (Nanda 2023; docs/METHODS.md, "Attribution patching"): the first-order Taylor
-approximation of activation patching.
+approximation of activation patching, in either of its directions (the names of `circuitlab.patching`):
 
-Denoising, as in `circuitlab.patching`: the effect of putting the clean activation a(x) of site s into the
-corrupt run is approximated by (a_s(x) - a_s(x')) . dm/da_s evaluated on the corrupt run, with m the metric
-averaged over the prompts, and normalised like activation patching: effect / (m(x) - m(x')), so
-0 = corrupt behaviour and 1 = clean behaviour. Cost: one clean forward, one corrupt forward and one
-backward for every site, layer, position and head at once.
+- "denoise" (Nanda's notebook): putting the clean activation a_s(x) into the corrupt run x' changes the
+  metric by about (a_s(x) - a_s(x')) . dm/da_s, the gradient taken on the corrupt run;
+- "noise": putting the corrupt activation a_s(x') into the clean run x changes it by about
+  (a_s(x') - a_s(x)) . dm/da_s, the gradient taken on the clean run (EAP's convention).
+
+m is the metric averaged over the prompts. The estimate of the patched metric (the receiving run's metric
+plus the change) is normalised like activation patching, (m - m(x')) / (m(x) - m(x')): 0 = corrupt
+behaviour, 1 = clean behaviour, so each direction estimates the `value` of `circuitlab patch --direction`
+with the same name. Cost: one forward of the donor run, one forward and one backward of the receiving run,
+for every site, layer, position and head at once.
 """
 
 from __future__ import annotations
@@ -28,6 +33,14 @@ from circuitlab.tasks.task import TaskBatch
 # (summed over sources). The rest are [batch, pos, d_model].
 HEAD_SITES = tuple(name for name in PATCHABLE_SITES if SITES[name].has_heads)
 DEFAULT_SITES = ("resid_pre", "attn_out", "mlp_out", "z")
+DIRECTIONS = ("denoise", "noise")
+
+
+def check_direction(direction: str) -> str:
+    if direction not in DIRECTIONS:
+        raise AttributionError(f"unknown direction {direction!r}; use 'denoise' (clean into corrupt, gradient at the "
+                               "corrupt run) or 'noise' (corrupt into clean, gradient at the clean run)")
+    return direction
 
 
 @dataclass
@@ -38,12 +51,18 @@ class AttributionPatching:
     effects: dict[str, torch.Tensor]
     clean_metric: float
     corrupt_metric: float
+    direction: str = "denoise"
+
+    @property
+    def baseline(self) -> float:
+        """The normalised value of patching nothing: 0 when denoising, 1 when noising."""
+        return 0.0 if self.direction == "denoise" else 1.0
 
     def head_all_positions(self) -> Float[torch.Tensor, "layer head"]:
-        """Each head patched at every position at once (first order: the sum over positions)."""
+        """Each head patched at every position at once (first order: the changes over positions add)."""
         if "z" not in self.effects:
             raise AttributionError("head effects need the 'z' site; include it in sites")
-        return self.effects["z"].sum(1)
+        return self.baseline + (self.effects["z"] - self.baseline).sum(1)
 
     def records(self) -> list[dict]:
         rows = []
@@ -79,9 +98,12 @@ def site_hooks(model: Model, sites: tuple[str, ...] | list[str]) -> dict[str, li
 
 
 def attribution_patching(
-    model: Model, batch: TaskBatch, metric: MetricFn, *, sites: tuple[str, ...] | list[str] = DEFAULT_SITES
+    model: Model, batch: TaskBatch, metric: MetricFn, *, sites: tuple[str, ...] | list[str] = DEFAULT_SITES,
+    direction: str = "denoise",
 ) -> AttributionPatching:
-    """Normalised first-order denoising effects of every site, layer, position (and head) of `batch`."""
+    """Normalised first-order effects of every site, layer, position (and head) of `batch`, in `direction`
+    ("denoise": clean into the corrupt run; "noise": corrupt into the clean run)."""
+    check_direction(direction)
     hooks = site_hooks(model, sites)
     names = {name for group in hooks.values() for name in group}
     model.check_tokens(batch.clean)
@@ -89,34 +111,40 @@ def attribution_patching(
     if batch.clean.shape != batch.corrupt.shape:
         raise AttributionError("attribution patching needs clean and corrupt prompts of the same token length; "
                                "pick corruptions that tokenize to the clean prompt's length")
+    # The donor run gives the patched-in values; the receiving run the gradient (metrics always score the
+    # clean prompts' answers, so `replace(batch, clean=...)` only changes the tokens run).
+    donor_tokens, receiving_tokens = (batch.clean, batch.corrupt) if direction == "denoise" else (batch.corrupt, batch.clean)
     with torch.no_grad():
-        clean_logits, clean_cache = model.bridge.run_with_cache(batch.clean, names_filter=lambda n: n in names)
-        clean_metric = metric(clean_logits, batch).mean()
-    corrupt_acts: dict[str, torch.Tensor] = {}
+        donor_logits, donor_cache = model.bridge.run_with_cache(donor_tokens, names_filter=lambda n: n in names)
+        donor_metric = metric(donor_logits, batch).mean()
+    receiving_acts: dict[str, torch.Tensor] = {}
 
     def differentiable(act: torch.Tensor, hook=None) -> torch.Tensor:
         return act.detach().requires_grad_(True)  # the graph starts at the embeddings
 
     def keep(name: str) -> Callable:
         def hook(act: torch.Tensor, hook=None) -> torch.Tensor:
-            corrupt_acts[name] = act  # keyed by our name: the bridge reports aliases (hook_z) by their target
+            receiving_acts[name] = act  # keyed by our name: the bridge reports aliases (hook_z) by their target
             return act
 
         return hook
 
     with torch.enable_grad():
         run_hooks = [(hook_name("embed"), differentiable)] + [(name, keep(name)) for name in names]
-        corrupt_metric = metric_with_hooks(model, replace(batch, clean=batch.corrupt), metric, run_hooks).mean()
+        receiving_metric = metric_with_hooks(model, replace(batch, clean=receiving_tokens), metric, run_hooks).mean()
         ordered = sorted(names)
-        grads = dict(zip(ordered, torch.autograd.grad(corrupt_metric, [corrupt_acts[n] for n in ordered], allow_unused=True), strict=True))
+        grads = dict(zip(ordered, torch.autograd.grad(receiving_metric, [receiving_acts[n] for n in ordered],
+                                                      allow_unused=True), strict=True))
+    receiving = receiving_metric.detach()
+    clean_metric, corrupt_metric = (donor_metric, receiving) if direction == "denoise" else (receiving, donor_metric)
     effects = {}
     for site, group in hooks.items():
         per_layer = []
         for name in group:
-            delta = clean_cache[name] - corrupt_acts[name].detach()
+            delta = donor_cache[name] - receiving_acts[name].detach()
             grad = grads[name] if grads[name] is not None else torch.zeros_like(delta)
             raw = (delta * grad).sum(0)  # [pos, d], [pos, head, d_head] or (pattern) [head, dest, src]
             per_layer.append(raw.sum(-1).transpose(0, 1) if site == "pattern" else raw.sum(-1))
-        raw_site = torch.stack(per_layer)
-        effects[site] = normalised(raw_site + corrupt_metric.detach(), clean_metric, corrupt_metric.detach())
-    return AttributionPatching(effects, float(clean_metric), float(corrupt_metric.detach()))
+        raw_site = torch.stack(per_layer)  # the first-order change of the receiving run's metric
+        effects[site] = normalised(raw_site + receiving, clean_metric, corrupt_metric)
+    return AttributionPatching(effects, float(clean_metric), float(corrupt_metric), direction)

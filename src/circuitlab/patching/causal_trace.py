@@ -1,8 +1,15 @@
 """ROME causal tracing (Meng et al. 2022, `experiments/causal_trace.py`; docs/METHODS.md, "Causal tracing").
 
-Corrupt: add Gaussian noise N(0, sigma^2) to the input embeddings of the subject tokens only, with
-sigma = `noise` x the standard deviation of the embedding vectors over the vocabulary (ROME: 3 x). Several
-seeded noise samples run as rows of one batch and probabilities are averaged over them.
+Corrupt: add Gaussian noise N(0, sigma^2 I) to the input embeddings of the subject tokens only. sigma is
+(`noise_level`):
+- "subject" (the default, ROME's `collect_embedding_std`): `scale` (3) x the standard deviation of all
+  entries of the embeddings of the subjects' tokens, each subject string tokenized on its own without BOS
+  or special tokens (as ROME's `make_inputs` does for GPT-2), over every subject of the run: the task's
+  subjects for an average, the one subject for a single prompt;
+- "vocab": `scale` x the standard deviation of the embedding vectors over the whole vocabulary (larger
+  than ROME's on SmolLM2: 0.1356 vs 0.1162 on the facts set);
+- a number: sigma itself (ROME's `noise=` argument).
+Several seeded noise samples run as rows of one batch and probabilities are averaged over them.
 Restore: put back the clean value of one hidden state (layer, position) in the corrupted run:
 - "resid": the block output (resid_post of block l), as ROME restores `transformer.h.{l}`;
 - "mlp" / "attn": that component's output at position p in a window of `window` layers around l:
@@ -11,6 +18,8 @@ Indirect effect = p(target | corrupted + restored) - p(target | corrupted), for 
 
 Unlike ROME's reference code this scores the target token (not the most probable one), and each restore
 hook is built by a factory over its own (rows, positions), so no hook is late-bound to another's values.
+The average over prompts (`average_indirect_effect`) pools tokens per group as ROME's notebook does
+(`aggregate="token"`), or averages each prompt's group first (`aggregate="prompt"`).
 
 Speed: a restoration at layer l changes nothing below l, so each batch restarts at the first restored layer
 from the cached corrupted residual (`LayerRestart`, which runs the bridge's own blocks and hooks) and only
@@ -23,6 +32,7 @@ Figures of these results are in `circuitlab.patching.plots`; the runs behind `ci
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -90,7 +100,7 @@ def _token_char_offsets(model: Model, prompt: str) -> list[tuple[int, int]]:
 
 
 def embedding_std(model: Model) -> float:
-    """Standard deviation of the embedding vectors' entries over the whole vocabulary.
+    """Standard deviation of the embedding vectors' entries over the whole vocabulary ("vocab" noise).
 
     Taken from the embedding module's own output (not raw W_E) so that models which scale embeddings
     inside the embedding bridge get noise on the same scale as the values the noise is added to.
@@ -98,6 +108,73 @@ def embedding_std(model: Model) -> float:
     with torch.no_grad():
         ids = torch.arange(model.d_vocab).unsqueeze(0)
         return float(model.bridge.embed(ids).float().std())
+
+
+def subject_embedding_std(model: Model, subjects: Sequence[str]) -> float:
+    """ROME's `collect_embedding_std`: the standard deviation of all entries of the subjects' token
+    embeddings, each subject tokenized on its own (no BOS, no special tokens), all tokens pooled.
+
+    Duplicates count as often as they occur (ROME passes one subject per fact). The embeddings are the
+    embedding module's output, as ROME traces the embedding layer's output.
+    """
+    ids = [token for subject in subjects for token in model.encode(subject, bos=False)]
+    if not ids:
+        raise CausalTraceError(f"'subject' noise needs subject tokens, but {list(subjects)!r} tokenize to none; "
+                               "pass --noise vocab or a number")
+    with torch.no_grad():
+        return float(model.bridge.embed(torch.tensor([ids])).float().std())
+
+
+NOISE_SOURCES: tuple[str, ...] = ("subject", "vocab")
+ROME_NOISE_SCALE = 3.0
+
+
+@dataclass(frozen=True)
+class NoiseLevel:
+    """The noise of a trace: sigma = scale x std (source "subject" or "vocab"), or sigma given ("absolute")."""
+
+    source: str
+    sigma: float
+    std: float | None = None
+    scale: float | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {"noise": self.source, "noise_std": self.std, "noise_scale": self.scale, "sigma": self.sigma}
+
+
+def check_noise(noise: str | float, scale: float = ROME_NOISE_SCALE) -> str | float:
+    """'subject', 'vocab' or a finite number >= 0 (a numeric string is read as a number); a
+    `CausalTraceError` otherwise. `scale` multiplies the std of 'subject' / 'vocab' only."""
+    if isinstance(noise, str) and noise not in NOISE_SOURCES:
+        try:
+            noise = float(noise)
+        except ValueError:
+            raise CausalTraceError(f"noise must be 'subject' (ROME's), 'vocab' or a number (sigma itself), got "
+                                   f"{noise!r}") from None
+    if not isinstance(noise, str):
+        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
+            raise CausalTraceError(f"noise must be 'subject' (ROME's), 'vocab' or a finite number >= 0 (sigma "
+                                   f"itself), got {noise!r}")
+        noise = float(noise)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+        raise CausalTraceError(f"noise scale must be a finite number >= 0 (ROME uses 3), got {scale!r}")
+    if not isinstance(noise, str) and scale != ROME_NOISE_SCALE:
+        raise CausalTraceError("a noise scale applies to --noise subject or vocab only; a numeric --noise is "
+                               "sigma itself (multiply it yourself)")
+    return noise
+
+
+def noise_level(model: Model, noise: str | float, subjects: Sequence[str],
+                scale: float = ROME_NOISE_SCALE) -> NoiseLevel:
+    """The sigma a trace uses for `noise` ('subject', 'vocab' or a number) over `subjects`."""
+    noise = check_noise(noise, scale)
+    if noise == "subject":
+        std = subject_embedding_std(model, subjects)
+    elif noise == "vocab":
+        std = embedding_std(model)
+    else:
+        return NoiseLevel("absolute", float(noise))
+    return NoiseLevel(str(noise), scale * std, std, float(scale))
 
 
 def window_layers(layer: int, window: int, n_layers: int) -> range:
@@ -166,7 +243,7 @@ class TraceGrid:
     positions: list[int]
     probs: Float[torch.Tensor, "pos layer"]
     samples: int = 10
-    noise: float = 3.0
+    sigma: float = 0.0
 
     @property
     def effect(self) -> Float[torch.Tensor, "pos layer"]:
@@ -204,18 +281,20 @@ class TraceGrid:
 class CausalTracer:
     """Causal tracing of one prompt: `trace(kind)` -> TraceGrid, `trace_layer(layer, position)` -> record.
 
-    noise: multiple of the embedding std (ROME: 3.0; 0.0 = no corruption). samples: noise draws per run.
-    batch_size: rows per forward pass (variants x samples).
+    noise: "subject" (ROME's: `noise_scale` x the std of this subject's token embeddings, the subject
+    tokenized on its own), "vocab" (`noise_scale` x the std over the vocabulary) or a number (sigma itself;
+    0.0 = no corruption). The sigma used is `self.sigma`, its derivation `self.noise`.
+    samples: noise draws per run. batch_size: rows per forward pass (variants x samples).
     """
 
     def __init__(
-        self, model: Model, prompt: str, subject: str, target: str, *, noise: float = 3.0, samples: int = 10,
-        seed: int = 0, batch_size: int = 256, subject_span: tuple[int, int] | None = None,
+        self, model: Model, prompt: str, subject: str, target: str, *, noise: str | float = "subject",
+        noise_scale: float = ROME_NOISE_SCALE, samples: int = 10, seed: int = 0, batch_size: int = 256,
+        subject_span: tuple[int, int] | None = None,
     ) -> None:
         if samples < 1:
             raise CausalTraceError(f"samples must be >= 1, got {samples}")
-        if noise < 0:
-            raise CausalTraceError(f"noise must be >= 0 (a multiple of the embedding std), got {noise}")
+        check_noise(noise, noise_scale)
         self.model, self.bridge = model, model.bridge
         self.prompt, self.subject, self.target = prompt, subject, target
         self.target_id = model.single_token_id(target)
@@ -228,9 +307,10 @@ class CausalTracer:
         self.subject_span: tuple[int, int] = (start, end)
         if not 0 <= start < end <= self.n_pos:
             raise CausalTraceError(f"subject span {self.subject_span} is outside the prompt's {self.n_pos} tokens")
-        self.noise, self.samples, self.seed = noise, samples, seed
+        self.samples, self.seed = samples, seed
         self.batch_size = max(batch_size, samples)
-        self.sigma = noise * embedding_std(model) if noise > 0 else 0.0
+        self.noise: NoiseLevel = noise_level(model, noise, [subject], noise_scale)
+        self.sigma = self.noise.sigma
         generator = torch.Generator().manual_seed(seed)
         self.noise_values: Float[torch.Tensor, "sample subj d_model"] = self.sigma * torch.randn(
             samples, end - start, model.d_model, generator=generator)
@@ -365,7 +445,7 @@ class CausalTracer:
         variants = [kind_variant(kind, layer, [p], window, L) for p in positions for layer in layers]
         probs = self.restored_probs(variants, advance=advance).view(len(positions), len(layers))
         return TraceGrid(kind, window, self.target, self.str_tokens, self.subject_span, self.clean_prob,
-                         self.corrupt_prob, layers, positions, probs, self.samples, self.noise)
+                         self.corrupt_prob, layers, positions, probs, self.samples, self.sigma)
 
 
 def _restore_hook(
@@ -412,17 +492,34 @@ def token_groups(pos: int, span: tuple[int, int], n_pos: int) -> list[str]:
     return groups
 
 
+AGGREGATES: tuple[str, ...] = ("token", "prompt")
+
+
+def check_aggregate(aggregate: str) -> str:
+    if aggregate not in AGGREGATES:
+        raise CausalTraceError(f"unknown aggregate {aggregate!r}; choose 'token' (ROME's notebook: every token of "
+                               "a group counts once) or 'prompt' (each prompt's group mean counts once)")
+    return aggregate
+
+
 @dataclass
 class AverageTrace:
-    """Average indirect effect (AIE) by ROME token group: effect [group, layer], averaged over prompts."""
+    """Average indirect effect (AIE) by ROME token group: effect [group, layer].
+
+    aggregate "token": the mean over every (prompt, token) of the group, tokens pooled as in ROME's notebook;
+    "prompt": each prompt's mean over its tokens of the group, then the mean over prompts. `counts` are the
+    tokens (or prompts) behind each group.
+    """
 
     kind: str
     window: int
     layers: list[int]
     effect: Float[torch.Tensor, "group layer"]
-    counts: list[int]  # prompts contributing to each group
+    counts: list[int]
     clean_probs: list[float] = field(default_factory=list)
     corrupt_probs: list[float] = field(default_factory=list)
+    aggregate: str = "token"
+    noise: NoiseLevel | None = None
 
     def records(self) -> list[dict[str, Any]]:
         return [{"kind": self.kind, "group": g, "layer": layer, "aie": float(self.effect[i, j]), "n": self.counts[i]}
@@ -433,46 +530,55 @@ class AverageTrace:
         gi, li = divmod(flat, len(self.layers))
         n = max(len(self.clean_probs), 1)
         return {"n_prompts": len(self.clean_probs), "mean_clean_prob": sum(self.clean_probs) / n,
-                "mean_corrupt_prob": sum(self.corrupt_probs) / n, f"{self.kind}_aie_peak_group": TOKEN_GROUPS[gi],
+                "mean_corrupt_prob": sum(self.corrupt_probs) / n, "aggregate": self.aggregate,
+                **(self.noise.summary() if self.noise is not None else {}),
+                f"{self.kind}_aie_peak_group": TOKEN_GROUPS[gi],
                 f"{self.kind}_aie_peak_layer": self.layers[li], f"{self.kind}_aie_peak": float(self.effect[gi, li])}
 
 
 def average_indirect_effect(
-    model: Model, facts: Sequence[Fact], kinds: Sequence[str] = KINDS, *, window: int = 10, noise: float = 3.0,
+    model: Model, facts: Sequence[Fact], kinds: Sequence[str] = KINDS, *, window: int = 10,
+    noise: str | float = "subject", noise_scale: float = ROME_NOISE_SCALE, aggregate: str = "token",
     samples: int = 10, seed: int = 0, batch_size: int = 256, advance: Advance | None = None,
 ) -> dict[str, AverageTrace]:
-    """AIE per kind over `facts`: each prompt's grid is averaged into ROME's token groups, then over prompts.
+    """AIE per kind over `facts` by ROME's token groups (`aggregate`: "token" pools every token of a group
+    over all prompts, as ROME's notebook; "prompt" averages each prompt's group first).
 
-    Prompt i draws its noise with seed `seed + i`. `advance(1)` is called after each (prompt, kind) trace.
+    One sigma for every prompt: "subject" noise is `noise_scale` x the std over all the facts' subjects
+    (ROME's `collect_embedding_std` over its fact set). Prompt i draws its noise with seed `seed + i`.
+    `advance(1)` is called after each (prompt, kind) trace.
     """
     if not facts:
         raise TaskError("average_indirect_effect needs at least one fact prompt")
     kinds = [check_kind(k) for k in kinds]
+    check_aggregate(aggregate)
+    level = noise_level(model, noise, [f.subject for f in facts], noise_scale)
     L = model.n_layers
     sums = {k: torch.zeros(len(TOKEN_GROUPS), L) for k in kinds}
     counts = [0] * len(TOKEN_GROUPS)
     clean, corrupt = [], []
     for i, fact in enumerate(facts):
-        tracer = CausalTracer(model, fact.prompt, fact.subject, fact.target, noise=noise, samples=samples,
+        tracer = CausalTracer(model, fact.prompt, fact.subject, fact.target, noise=level.sigma, samples=samples,
                               seed=seed + i, batch_size=batch_size)
         clean.append(tracer.clean_prob)
         corrupt.append(tracer.corrupt_prob)
         # Positions before the subject see identical inputs in both runs; no group uses them.
         positions = list(range(tracer.subject_span[0], tracer.n_pos))
-        present = [g for g in TOKEN_GROUPS if any(g in token_groups(p, tracer.subject_span, tracer.n_pos)
-                                                  for p in positions)]
-        for g in present:
-            counts[TOKEN_GROUPS.index(g)] += 1
+        rows_of = [[r for r, p in enumerate(positions) if g in token_groups(p, tracer.subject_span, tracer.n_pos)]
+                   for g in TOKEN_GROUPS]
+        for gi, rows in enumerate(rows_of):
+            counts[gi] += len(rows) if aggregate == "token" else int(bool(rows))
         for kind in kinds:
             grid = tracer.trace(kind, window, positions=positions)
             if advance is not None:
                 advance(1)
-            for gi, g in enumerate(TOKEN_GROUPS):
-                rows = [r for r, p in enumerate(positions) if g in token_groups(p, tracer.subject_span, tracer.n_pos)]
+            for gi, rows in enumerate(rows_of):
                 if rows:
-                    sums[kind][gi] += grid.effect[rows].mean(0)
-    denom = torch.tensor(counts, dtype=torch.float32).unsqueeze(1)
-    return {k: AverageTrace(k, window, list(range(L)), sums[k] / denom, counts, clean, corrupt) for k in kinds}
+                    effect = grid.effect[rows]
+                    sums[kind][gi] += effect.sum(0) if aggregate == "token" else effect.mean(0)
+    denom = torch.tensor(counts, dtype=torch.float32).unsqueeze(1)  # 0 for a group no prompt has: NaN row
+    return {k: AverageTrace(k, window, list(range(L)), sums[k] / denom, counts, clean, corrupt, aggregate, level)
+            for k in kinds}
 
 
 def facts_from_task(task: Task) -> list[Fact]:

@@ -4,14 +4,17 @@
 - ``"trace/average"``: a task whose examples name their subject (the built-in ``facts``); the average
   indirect effect over prompts by ROME's token groups.
 
-`kind` is "resid", "mlp", "attn" or "all" (the three). Every option, and whether the subject occurs in the
+`kind` is "resid", "mlp", "attn" or "all" (the three). `noise` is "subject" (ROME's: `noise_scale` x the std
+of the subject tokens' embeddings, over the task's subjects for an average and over the one subject for a
+single prompt), "vocab" (`noise_scale` x the std over the whole vocabulary) or a number (sigma itself); the
+summary records the sigma used and how it was derived. `aggregate` ("token", ROME's notebook, or "prompt")
+says how an average pools the tokens of a group. Every option, and whether the subject occurs in the
 prompt, is checked before the model loads. The noise is drawn from the run's seed (prompt i of a task uses
 seed + i). See docs/METHODS.md, "Causal tracing".
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,10 +23,13 @@ from circuitlab.errors import CausalTraceError
 from circuitlab.models.model import Model
 from circuitlab.patching.causal_trace import (
     KINDS,
+    ROME_NOISE_SCALE,
     AverageTrace,
     CausalTracer,
     TraceGrid,
     average_indirect_effect,
+    check_aggregate,
+    check_noise,
     facts_from_task,
 )
 from circuitlab.patching.plots import plot_average, plot_trace
@@ -36,17 +42,17 @@ if TYPE_CHECKING:
 KIND_CHOICES: tuple[str, ...] = (*KINDS, "all")
 
 
-def _check_tracing_options(kind: str, samples: int, noise: float, window: int) -> None:
+def _check_tracing_options(kind: str, samples: int, noise: str | float, noise_scale: float, window: int) -> str | float:
+    """Every tracing option checked; returns `noise` canonical ('subject', 'vocab' or a float)."""
     if kind not in KIND_CHOICES:
         raise CausalTraceError(f"unknown trace kind {kind!r}; choose one of {', '.join(KIND_CHOICES)}")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise CausalTraceError(f"samples must be an integer >= 1 (noise draws per run), got {samples!r}")
-    if not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
-        raise CausalTraceError(f"noise must be a finite number >= 0 (a multiple of the embedding std; ROME uses "
-                               f"3), got {noise!r}")
+    noise = check_noise(noise, noise_scale)
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise CausalTraceError(f"window must be an integer >= 1 (layers restored together for mlp / attn), got "
                                f"{window!r}")
+    return noise
 
 
 def _kinds(kind: str) -> list[str]:
@@ -62,12 +68,14 @@ class TraceParams:
     target: str
     kind: str = "all"
     samples: int = 10
-    noise: float = 3.0
+    noise: str | float = "subject"  # "subject" (ROME), "vocab" or sigma itself
+    noise_scale: float = ROME_NOISE_SCALE  # multiplies the std of "subject" / "vocab"
     window: int = 10
     seed: int = 0  # the run's seed (set by the runner): draws the noise
 
     def __post_init__(self) -> None:
-        _check_tracing_options(self.kind, self.samples, self.noise, self.window)
+        noise = _check_tracing_options(self.kind, self.samples, self.noise, self.noise_scale, self.window)
+        object.__setattr__(self, "noise", noise)
         if not self.prompt or not self.prompt.strip():
             raise CausalTraceError("the prompt is empty; pass the prompt to trace with --prompt")
         if not self.subject or not self.subject.strip():
@@ -85,12 +93,16 @@ class AverageTraceParams:
 
     kind: str = "all"
     samples: int = 10
-    noise: float = 3.0
+    noise: str | float = "subject"  # "subject" (ROME: over the task's subjects), "vocab" or sigma itself
+    noise_scale: float = ROME_NOISE_SCALE
     window: int = 10
+    aggregate: str = "token"  # ROME's notebook pools tokens; "prompt" averages each prompt first
     seed: int = 0  # the run's seed (set by the runner): prompt i draws its noise with seed + i
 
     def __post_init__(self) -> None:
-        _check_tracing_options(self.kind, self.samples, self.noise, self.window)
+        noise = _check_tracing_options(self.kind, self.samples, self.noise, self.noise_scale, self.window)
+        object.__setattr__(self, "noise", noise)
+        check_aggregate(self.aggregate)
 
 
 @dataclass
@@ -107,7 +119,7 @@ class TraceOutput:
         t = self.tracer
         out: dict[str, Any] = {"clean_prob": t.clean_prob, "corrupt_prob": t.corrupt_prob,
                                "subject_tokens": t.str_tokens[slice(*t.subject_span)],
-                               "subject_span": list(t.subject_span), "sigma": t.sigma}
+                               "subject_span": list(t.subject_span), **t.noise.summary()}
         for grid in self.grids.values():
             out.update(grid.summary())
         return out
@@ -137,7 +149,7 @@ class AverageTraceOutput:
 
 def _trace(model: Model, task: Task | None, params: TraceParams) -> TraceOutput:
     tracer = CausalTracer(model, params.prompt, params.subject, params.target, noise=params.noise,
-                          samples=params.samples, seed=params.seed)
+                          noise_scale=params.noise_scale, samples=params.samples, seed=params.seed)
     kinds = _kinds(params.kind)
     grids = {}
     with progress_bar(len(kinds) * tracer.n_pos * model.n_layers, "causal tracing") as advance:
@@ -152,6 +164,7 @@ def _trace_average(model: Model, task: Task | None, params: AverageTraceParams) 
     kinds = _kinds(params.kind)
     with progress_bar(len(facts) * len(kinds), f"causal tracing {len(facts)} prompts") as advance:
         averages = average_indirect_effect(model, facts, kinds, window=params.window, noise=params.noise,
+                                           noise_scale=params.noise_scale, aggregate=params.aggregate,
                                            samples=params.samples, seed=params.seed, advance=advance)
     return AverageTraceOutput(averages)
 

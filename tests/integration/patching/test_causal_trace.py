@@ -84,3 +84,32 @@ def test_mlp_early_at_subject_attention_late_at_last_token(tracer):
     attn = tracer.trace("attn", layers=[19], positions=[subject, last]).effect[:, 0]
     assert mlp[0] > 0.5 * gap and mlp[1] < 0.25 * gap
     assert attn[1] > 0.5 * gap and attn[0] < 0.25 * gap
+
+
+def test_subject_noise_is_romes_sigma_on_the_facts_task(smollm):
+    """ROME's `collect_embedding_std`, written out independently: every subject of the task tokenized on its
+    own by the HF tokenizer (no special tokens), the rows of W_E, all entries pooled, torch's std; sigma = 3x.
+    Over all 82 candidate facts this is 0.1162 (the value ROME's definition gives on SmolLM2); over the whole
+    vocabulary 0.1356 ("vocab" noise), 1.17x larger."""
+    from circuitlab.patching.causal_trace import ROME_NOISE_SCALE, embedding_std, facts_from_task, noise_level
+    from circuitlab.tasks.facts import FACTS
+    from circuitlab.tasks.registry import make_task
+
+    def rome_std(subjects):
+        ids = [i for s in subjects for i in smollm.tokenizer(s, add_special_tokens=False)["input_ids"]]
+        return float(smollm.bridge.W_E.detach()[ids].double().std())
+
+    task = make_task("facts", smollm)
+    subjects = [f.subject for f in facts_from_task(task)]
+    level = noise_level(smollm, "subject", subjects)  # what trace/average uses for the task
+    assert ROME_NOISE_SCALE == 3.0 and level.source == "subject"
+    # float32 std of ~10^5 entries vs the float64 one: ~1e-6 relative.
+    assert level.sigma == pytest.approx(3 * rome_std(subjects), rel=1e-5)
+    assert rome_std([f.subject for f in FACTS]) == pytest.approx(0.1162, abs=5e-5)
+    assert embedding_std(smollm) == pytest.approx(0.1356, abs=5e-5)
+
+
+def test_single_prompt_subject_noise_uses_its_subject(smollm, tracer):
+    ids = smollm.tokenizer(SUBJECT, add_special_tokens=False)["input_ids"]
+    assert tracer.noise.source == "subject"
+    assert tracer.sigma == pytest.approx(3 * float(smollm.bridge.W_E.detach()[ids].double().std()), rel=1e-5)

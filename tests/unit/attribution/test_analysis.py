@@ -132,9 +132,20 @@ def test_attn_grad_combines_every_length(toy, two_lengths):
 
 @pytest.mark.parametrize("method", ["rollout", "flow"])
 def test_rollout_and_flow_index_counts_every_prompt(toy, two_lengths, method):
-    done = run(f"attribute/{method}", model=toy, task=two_lengths, index=3)  # SHORT[1], in the 13-token batch
-    assert done.result.summary["prompt"] == 3
+    done = run(f"attribute/{method}", model=toy, task=two_lengths, index=3, bos="include")  # SHORT[1]: 13 tokens
+    assert done.result.summary["prompt"] == 3 and done.result.summary["bos"] == "include"
     assert len({r["pos"] for r in done.result.records}) == 13
     assert done.result.records[0]["token"] == two_lengths.prepare(toy).str_tokens[3][0]
+    # The default for a model with BOS: excluded, positions 1..12 remain, every row a distribution.
+    auto = run(f"attribute/{method}", model=toy, task=two_lengths, index=3)
+    assert auto.result.summary["bos"] == "exclude" and auto.result.summary["sources"] == list(range(1, 13))
+    assert {r["pos"] for r in auto.result.records} == set(range(1, 13))
+    assert auto.result.records[0]["token"] == two_lengths.prepare(toy).str_tokens[3][1]
+    tol = 64 * torch.finfo(torch.float32).eps
+    assert abs(sum(auto.result.summary["final_layer"]) - 1) <= tol
+    if method == "flow":  # normalised as the authors' compute_flows, the raw max flow kept
+        rows = [r for r in auto.result.records if r["layer"] == 0]
+        total = sum(r["raw"] for r in rows)
+        assert all(r["value"] == pytest.approx(r["raw"] / total, rel=1e-12) for r in rows)
     with pytest.raises(AttributionError, match="prompt index 5 out of range.*--index 0..4"):
         run(f"attribute/{method}", model=toy, task=two_lengths, index=5)

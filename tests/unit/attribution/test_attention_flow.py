@@ -9,6 +9,7 @@ from circuitlab.attribution.attention_flow import (
     attention_flow,
     attention_rollout,
     flow_graph,
+    normalised_flow,
     residual_attention,
 )
 from circuitlab.errors import AttributionError
@@ -53,6 +54,44 @@ def test_max_flow_on_tiny_graph():
     flow2 = attention_flow(two, target=1, residual=0.0)
     assert flow2[1].tolist() == pytest.approx([1.0, 0.5], rel=0, abs=HAND64)
     assert flow_graph(residual_attention(two, 0.0)).number_of_edges() == 6
+
+
+# Three positions, position 0 the BOS sink; one layer, two heads (exact binary fractions).
+SINK = torch.tensor([[
+    [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.5, 0.25, 0.25]],
+    [[1.0, 0.0, 0.0], [0.75, 0.25, 0.0], [0.75, 0.125, 0.125]],
+]])
+
+
+def test_excluding_bos_drops_it_and_renormalises_rows():
+    # mean over heads: row 1 = [0.625, 0.375, 0], row 2 = [0.625, 0.1875, 0.1875]. Without BOS (rows and
+    # columns 1..2): [0.375, 0] -> [1, 0]; [0.1875, 0.1875] -> [0.5, 0.5]. Residual mix 0.5/0.5:
+    # [[1, 0], [0.25, 0.75]].
+    mixed = residual_attention(SINK, exclude_bos=True)[0]
+    assert torch.allclose(mixed, torch.tensor([[1.0, 0.0], [0.25, 0.75]]), rtol=0, atol=HAND32)
+    rollout = attention_rollout(SINK, exclude_bos=True)
+    assert rollout.shape == (1, 2, 2) and torch.allclose(rollout[0], mixed, rtol=0, atol=HAND32)
+    # With BOS: row 2 = 0.5 [0.625, 0.1875, 0.1875] + 0.5 [0, 0, 1] = [0.3125, 0.09375, 0.59375].
+    kept = attention_rollout(SINK)[0, 2]
+    assert torch.allclose(kept, torch.tensor([0.3125, 0.09375, 0.59375]), rtol=0, atol=HAND32)
+    # A row whose only non-BOS weight is zero keeps itself (no division by zero).
+    sink_only = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
+    assert residual_attention(sink_only, exclude_bos=True)[0].tolist() == [[1.0]]
+
+
+def test_flow_excluding_bos_and_normalised():
+    # Two layers over three positions, the same head twice. Without BOS each layer's mixed matrix on
+    # positions 1..2 is M = [[1, 0], [0.25, 0.75]] (as above). Into (2, pos 2): source pos 1 reaches it via
+    # (1, pos 1) [M11 = 1, then M21 = 0.25] and via (1, pos 2) [M21 = 0.25, then M22 = 0.75]:
+    # min(1, 0.25) + min(0.25, 0.75) = 0.5; source pos 2 only via (1, pos 2): min(0.75, 0.75) = 0.75.
+    two = torch.cat([SINK, SINK]).double()
+    raw = attention_flow(two, target=2, exclude_bos=True)
+    assert raw[1].tolist() == pytest.approx([0.5, 0.75], rel=0, abs=HAND64)
+    assert raw[0].tolist() == pytest.approx([0.25, 0.75], rel=0, abs=HAND64)  # one layer: the edges themselves
+    # compute_flows: each row divided by its sum.
+    assert normalised_flow(raw)[1].tolist() == pytest.approx([0.4, 0.6], rel=0, abs=HAND64)
+    with pytest.raises(AttributionError, match="target position is BOS"):
+        attention_flow(two, target=0, exclude_bos=True)
 
 
 def test_flow_bad_input():

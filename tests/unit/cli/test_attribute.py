@@ -84,6 +84,8 @@ def test_attribute_runs_every_token_length(tmp_path, toy_dir):
     (["--method", "rollout", "--task", "TASK", "--index", "-1"], "index must be an integer >= 0"),
     (["--method", "atp", "--task", "TASK", "--sites", "bogus"], "unknown attribution-patching site 'bogus'"),
     (["--method", "atp", "--task", "TASK", "--sites", "z,z"], "more than once"),
+    (["--method", "atp", "--task", "TASK", "--direction", "denoising"], "unknown direction 'denoising'"),
+    (["--method", "rollout", "--task", "TASK", "--bos", "drop"], "unknown bos choice 'drop'"),
 ])
 def test_attribute_bad_input_fails_before_the_model_loads(tmp_path, task_file, args, message):
     """Each bad option is refused before loading: the model path does not even exist."""
@@ -124,3 +126,44 @@ def test_attribute_atp_head_sites(tmp_path, toy_dir, task_file):
     assert res.exit_code == 0, res.output
     assert {r["site"] for r in load_results(out).records} == {"q", "v", "pattern"}
     assert (out / "atp_q_heads.png").is_file() and (out / "atp_pattern_heads.png").is_file()
+
+
+@pytest.mark.parametrize("direction, base", [("denoise", 0.0), ("noise", 1.0)])
+def test_attribute_atp_direction(tmp_path, toy_dir, task_file, direction, base):
+    out = tmp_path / direction
+    res = runner.invoke(app, ["attribute", "--method", "atp", "--model", str(toy_dir), "--task", str(task_file),
+                              "--sites", "z", "--direction", direction, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    result = load_results(out)
+    assert result.params["direction"] == direction and result.summary["direction"] == direction
+    values = [r["value"] for r in result.records]
+    # Each cell is the normalised value of one patch: near the unpatched run's (0 denoising, 1 noising).
+    assert abs(sum(values) / len(values) - base) < 0.5
+
+
+@pytest.mark.parametrize("method", ["rollout", "flow"])
+def test_attribute_rollout_bos(tmp_path, toy_dir, task_file, method):
+    for bos, first in (("auto", 1), ("include", 0)):
+        out = tmp_path / f"{method}-{bos}"
+        res = runner.invoke(app, ["attribute", "--method", method, "--model", str(toy_dir), "--task", str(task_file),
+                                  "--bos", bos, "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        result = load_results(out)
+        assert result.summary["bos"] == ("exclude" if bos == "auto" else "include")
+        assert min(r["pos"] for r in result.records) == first
+        assert ("raw" in result.records[0]) == (method == "flow")
+
+
+def test_ig_completeness_gap_is_said_loudly(tmp_path, toy_dir):
+    """A --prompt without --corrupt: auto falls back to pad; with 2 Riemann steps completeness fails on the
+    toy, which the summary records and stderr says, naming the fix."""
+    out = tmp_path / "ig"
+    res = runner.invoke(app, ["attribute", "--method", "ig", "--model", str(toy_dir), "--prompt", PROMPT,
+                              "--answer", " Mary", "--steps", "2", "--rule", "riemann_left", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = load_results(out).summary
+    assert summary["baseline"] == "pad" and summary["baseline_requested"] == "auto"
+    assert summary["max_relative_gap"] > 0.01 and summary["completeness_ok"] is False
+    text = " ".join(res.output.split())
+    assert "warning: integrated gradients misses completeness" in text and "pass --corrupt" in text
+    assert "fell back to pad" in summary["warning"]

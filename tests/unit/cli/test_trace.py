@@ -27,7 +27,10 @@ def test_cli_trace(tmp_path, toy_dir):
     assert result.command == "trace" and result.summary["subject_span"] == [2, 5]
     assert result.summary["subject_tokens"] == ["capital", "of", "France"]
     assert result.params == {"prompt": PROMPT, "subject": SUBJECT, "target": TARGET, "kind": "all", "samples": 2,
-                             "noise": 3.0, "window": 2, "seed": 3}
+                             "noise": "subject", "noise_scale": 3.0, "window": 2, "seed": 3}
+    # ROME's sigma by default, recorded: 3 x the std of the subject's token embeddings.
+    assert result.summary["noise"] == "subject" and result.summary["noise_scale"] == 3.0
+    assert result.summary["sigma"] == pytest.approx(3 * result.summary["noise_std"], rel=1e-12)
     assert result.seed == 3 and result.task is None
     assert {r["kind"] for r in result.records} == {"resid", "mlp", "attn"}
     assert len(result.records) == 3 * 7 * 2  # kinds x positions x layers
@@ -54,6 +57,8 @@ def test_cli_trace_seed_draws_the_noise(tmp_path, toy_dir):
     (["--subject", SUBJECT, "--target", TARGET, "--samples", "0"], "samples must be"),
     (["--subject", SUBJECT, "--target", TARGET, "--window", "0"], "window must be"),
     (["--subject", SUBJECT, "--target", TARGET, "--noise", "-1"], "noise must be"),
+    (["--subject", SUBJECT, "--target", TARGET, "--noise", "gauss"], "noise must be 'subject' (ROME's), 'vocab' or a number"),
+    (["--subject", SUBJECT, "--target", TARGET, "--noise", "0.5", "--noise-scale", "2"], "numeric --noise is sigma"),
     ([], "--subject"),
 ])
 def test_bad_input_fails_before_the_model_loads(tmp_path, args, message):
@@ -62,6 +67,16 @@ def test_bad_input_fails_before_the_model_loads(tmp_path, args, message):
                               str(tmp_path / "bad")])
     assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("noise, source", [("vocab", "vocab"), ("0.25", "absolute")])
+def test_cli_trace_noise_choices(tmp_path, toy_dir, noise, source):
+    out = tmp_path / source
+    res = _trace(toy_dir, out, "--kind", "resid", "--samples", "1", "--noise", noise)
+    assert res.exit_code == 0, res.output
+    summary = load_results(out).summary
+    assert summary["noise"] == source and (summary["sigma"] == 0.25 if source == "absolute" else summary["sigma"] > 0)
+    assert "sigma" in res.output  # printed with the summary
 
 
 def test_target_must_be_one_token(tmp_path, toy_dir):
@@ -92,6 +107,15 @@ def test_cli_trace_task_average(tmp_path, toy_dir, toy_facts):
     assert result.command == "trace/average" and result.task["n"] == 2 and result.summary["n_prompts"] == 2
     assert {r["group"] for r in result.records} == set(TOKEN_GROUPS)
     assert result.artifacts == ["aie_resid.png"] and (out / "aie_resid.png").stat().st_size > 1000
+    assert result.summary["aggregate"] == "token" and result.summary["noise"] == "subject"
+    res = runner.invoke(app, ["trace", "--model", str(toy_dir), "--task", toy_facts, "--kind", "resid",
+                              "--samples", "2", "--aggregate", "prompt", "--out", str(tmp_path / "by_prompt")])
+    assert res.exit_code == 0, res.output
+    by_prompt = load_results(tmp_path / "by_prompt")
+    assert by_prompt.params["aggregate"] == "prompt" and by_prompt.summary["sigma"] == result.summary["sigma"]
+    res = runner.invoke(app, ["trace", "--model", "no-such-model", "--task", toy_facts, "--aggregate", "layer",
+                              "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "unknown aggregate 'layer'" in res.output
 
 
 def test_cli_trace_task_without_subjects(tmp_path, toy_dir, task_file):

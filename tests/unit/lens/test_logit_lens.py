@@ -70,13 +70,14 @@ def test_last_depth_equals_model_logits(toy):
         lens = lens_from_resid(toy, resid)
         scale = _unembed_scale(toy, _rms_norm_oracle(toy, resid))
     assert float((lens - logits).abs().max()) <= bound(scale)
-    probs, ids = torch.softmax(logits, -1).topk(5, -1)
+    probs, ids = torch.softmax(logits.double(), -1).topk(5, -1)
     assert torch.equal(result.top_ids[-1], ids)
-    # p = exp(l - logsumexp l): its absolute error is p (<= 1) times the rounding of l - lse (scale max |l|)
+    assert result.top_probs.dtype == result.kl.dtype == torch.float64  # the readout is float64
+    # The lens and model logits differ by float32 rounding (scale max |l|); p moves by p (<= 1) times that.
     log_scale = logits.abs().max()
     torch.testing.assert_close(result.top_probs[-1], probs, rtol=0, atol=bound(log_scale))
-    # KL(final || final) = sum p (log p - log p'): 0 up to the rounding of the log-probabilities
-    assert float(result.kl[-1].abs().max()) <= bound(log_scale)
+    # KL(final || final): the same logits on both sides, so 0 up to float64 rounding.
+    assert float(result.kl[-1].abs().max()) <= 1e-9
 
 
 def test_lens_result_consistency(toy):
@@ -107,3 +108,19 @@ def test_bad_input(toy):
         logit_lens(toy, PROMPT, top_k=0)
     with pytest.raises(TokenizationError, match="single token"):
         logit_lens(toy, PROMPT, target="Mary John")
+
+
+def test_kl_is_float64_and_matches_a_hand_computation(toy):
+    """KL(final || depth d) against the formula written out in float64 from the lens logits."""
+    from circuitlab.lens.logit_lens import kl_divergence
+
+    result = logit_lens(toy, PROMPT, top_k=1)
+    with torch.no_grad():
+        _, cache = toy.bridge.run_with_cache(toy.to_tokens(PROMPT))
+        final = lens_from_resid(toy, cache[lens_sites(toy)[-1]][0]).double()
+        first = lens_from_resid(toy, cache[lens_sites(toy)[0]][0]).double()
+    p_log = final - torch.logsumexp(final, -1, keepdim=True)
+    q_log = first - torch.logsumexp(first, -1, keepdim=True)
+    hand = (p_log.exp() * (p_log - q_log)).sum(-1)
+    torch.testing.assert_close(result.kl[0], hand, rtol=0, atol=1e-6)
+    assert float(kl_divergence(q_log, q_log).abs().max()) <= 1e-9

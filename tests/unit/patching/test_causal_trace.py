@@ -16,8 +16,11 @@ from circuitlab.patching.causal_trace import (
     Fact,
     Restoration,
     average_indirect_effect,
+    check_aggregate,
+    check_noise,
     facts_from_task,
     kind_variant,
+    noise_level,
     subject_token_span,
     token_groups,
     window_layers,
@@ -30,7 +33,7 @@ PROMPT, SUBJECT, TARGET = "The capital of France is in", "capital of France", "P
 
 @pytest.fixture(scope="module")
 def tracer(toy):
-    return CausalTracer(toy, PROMPT, SUBJECT, TARGET, noise=5.0, samples=4, seed=0)
+    return CausalTracer(toy, PROMPT, SUBJECT, TARGET, noise="vocab", noise_scale=5.0, samples=4, seed=0)
 
 
 def test_noise_hook_is_the_input_of_block_0(toy):
@@ -124,8 +127,8 @@ def test_fast_path_matches_full_forwards(toy, tracer):
 
 
 def test_batching_does_not_change_results(toy):
-    a = CausalTracer(toy, PROMPT, SUBJECT, TARGET, noise=5.0, samples=3, batch_size=3).trace("mlp", window=2)
-    b = CausalTracer(toy, PROMPT, SUBJECT, TARGET, noise=5.0, samples=3, batch_size=1000).trace("mlp", window=2)
+    a = CausalTracer(toy, PROMPT, SUBJECT, TARGET, noise=1.0, samples=3, batch_size=3).trace("mlp", window=2)
+    b = CausalTracer(toy, PROMPT, SUBJECT, TARGET, noise=1.0, samples=3, batch_size=1000).trace("mlp", window=2)
     torch.testing.assert_close(a.probs, b.probs, atol=1e-6, rtol=1e-5)
 
 
@@ -149,7 +152,8 @@ def planted():
 
 
 def test_planted_model(planted):
-    tracer = CausalTracer(planted, "The capital of France is in", "France", "Paris", noise=10.0, samples=3)
+    tracer = CausalTracer(planted, "The capital of France is in", "France", "Paris", noise="vocab", noise_scale=10.0,
+                          samples=3)
     full = tracer.clean_prob - tracer.corrupt_prob
     assert abs(full) > 1e-3
     subj, last, n = 4, tracer.n_pos - 1, tracer.n_pos
@@ -191,10 +195,14 @@ def test_token_groups():
     assert token_groups(3, (3, 4), 9) == ["first subject token", "last subject token"]
 
 
+LONG = "The capital of France is in the city of"  # further tokens: in, the, city
+
+
 def test_average_indirect_effect(toy, tmp_path):
     facts = [Fact(PROMPT, SUBJECT, TARGET), Fact("Paris is the capital of", "Paris", "France")]
-    avg = average_indirect_effect(toy, facts, kinds=["resid"], window=2, noise=5.0, samples=2)["resid"]
-    singles = [CausalTracer(toy, f.prompt, f.subject, f.target, noise=5.0, samples=2, seed=i) for i, f in enumerate(facts)]
+    avg = average_indirect_effect(toy, facts, kinds=["resid"], window=2, noise=1.0, samples=2,
+                                  aggregate="prompt")["resid"]
+    singles = [CausalTracer(toy, f.prompt, f.subject, f.target, noise=1.0, samples=2, seed=i) for i, f in enumerate(facts)]
     gaps = [t.clean_prob - t.corrupt_prob for t in singles]
     last = TOKEN_GROUPS.index("last token")
     # Restoring the last block's output at the last token recovers the clean probability in every prompt.
@@ -202,7 +210,73 @@ def test_average_indirect_effect(toy, tmp_path):
     # "Paris" is one token (no middle subject tokens); prompt 1 has no token between "is" and the last one.
     assert avg.counts == [2, 1, 2, 2, 1, 2]
     assert len(avg.records()) == len(TOKEN_GROUPS) * toy.n_layers
+    assert avg.summary()["sigma"] == 1.0 and avg.summary()["noise"] == "absolute"
     assert save_figure_atomically(plot_average(avg), tmp_path / "aie.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("aggregate", ["token", "prompt"])
+def test_aggregate_pools_tokens_or_prompts(toy, aggregate):
+    """Hand computation from single-prompt grids: 'further tokens' has 3 tokens in prompt 0 and 2 in prompt 1,
+    so pooling tokens (ROME's notebook) and averaging prompts first give different numbers."""
+    facts = [Fact(LONG, SUBJECT, TARGET), Fact("Paris is the capital of", "Paris", "France")]
+    avg = average_indirect_effect(toy, facts, kinds=["resid"], noise="vocab", samples=2, aggregate=aggregate)["resid"]
+    sigma = avg.noise.sigma
+    tracers = [CausalTracer(toy, f.prompt, f.subject, f.target, noise=sigma, samples=2, seed=i)
+               for i, f in enumerate(facts)]
+    grids = [t.trace("resid").effect for t in tracers]
+    # Probabilities in float32: a few units of eps32 x the largest probability (batching changes the sums).
+    tol = 64 * torch.finfo(torch.float32).eps * max(t.clean_prob for t in tracers)
+    further = [grids[0][[6, 7, 8]], grids[1][[3, 4]]]  # [tokens, layer] of the group in each prompt
+    if aggregate == "token":
+        expected, count = torch.cat(further).mean(0), 5
+    else:
+        expected, count = (further[0].mean(0) + further[1].mean(0)) / 2, 2
+    g = TOKEN_GROUPS.index("further tokens")
+    assert avg.counts[g] == count and avg.aggregate == aggregate
+    torch.testing.assert_close(avg.effect[g], expected, atol=tol, rtol=0)
+    assert float((torch.cat(further).mean(0) - (further[0].mean(0) + further[1].mean(0)) / 2).abs().max()) > 10 * tol
+
+
+def _independent_std(model, subjects):
+    """ROME's collect_embedding_std written out: each subject tokenized alone (no special tokens), rows of
+    W_E, every entry pooled, torch's (unbiased) std."""
+    ids = [i for s in subjects for i in model.tokenizer(s, add_special_tokens=False)["input_ids"]]
+    return float(model.bridge.W_E.detach()[ids].double().std())
+
+
+def test_noise_levels(toy):
+    subject = CausalTracer(toy, PROMPT, SUBJECT, TARGET, samples=1)  # default: ROME's subject noise
+    assert subject.noise.source == "subject" and subject.noise.scale == 3.0
+    assert subject.sigma == pytest.approx(3 * _independent_std(toy, [SUBJECT]), rel=1e-6)
+    vocab = CausalTracer(toy, PROMPT, SUBJECT, TARGET, noise="vocab", samples=1)
+    assert vocab.sigma == pytest.approx(3 * float(toy.bridge.W_E.detach().double().std()), rel=1e-6)
+    absolute = CausalTracer(toy, PROMPT, SUBJECT, TARGET, noise=0.25, samples=1)
+    assert absolute.sigma == 0.25 and absolute.noise.summary() == {"noise": "absolute", "noise_std": None,
+                                                                   "noise_scale": None, "sigma": 0.25}
+    # The noise drawn has that scale: std of the 1 x 3 x 32 draws within a few standard errors of sigma.
+    draws = absolute.noise_values
+    assert float(draws.std()) == pytest.approx(0.25, rel=5 / (2 * draws.numel()) ** 0.5)
+    facts = [Fact(PROMPT, SUBJECT, TARGET), Fact("Paris is the capital of", "Paris", "France")]
+    level = noise_level(toy, "subject", [f.subject for f in facts], scale=2.0)
+    assert level.sigma == pytest.approx(2 * _independent_std(toy, [SUBJECT, "Paris"]), rel=1e-6)
+
+
+@pytest.mark.parametrize("noise, scale, message", [
+    ("gaussian", 3.0, "noise must be 'subject'"),
+    (-1.0, 3.0, "finite number >= 0"),
+    (float("nan"), 3.0, "finite number >= 0"),
+    ("subject", -2.0, "noise scale must be"),
+    (0.5, 2.0, "numeric --noise is sigma itself"),
+])
+def test_bad_noise(noise, scale, message):
+    with pytest.raises(CausalTraceError, match=message):
+        check_noise(noise, scale)
+
+
+def test_numeric_noise_strings_are_numbers():
+    assert check_noise("0.3") == 0.3 and check_noise("subject") == "subject" and check_noise(2) == 2.0
+    with pytest.raises(CausalTraceError, match="aggregate"):
+        check_aggregate("layer")
 
 
 def test_facts_from_task_needs_subject():
