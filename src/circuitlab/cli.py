@@ -31,7 +31,7 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model spec: smollm
 TaskOpt = Annotated[str, typer.Option("--task", "-t", help="Built-in task name or a .jsonl/.csv file")]
 NOpt = Annotated[int | None, typer.Option("--n", help="Number of prompts (default: the task's own)")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed for task generation and sampling")]
-MetricOpt = Annotated[str | None, typer.Option("--metric", help="Override the task metric: logit_diff, logprob, prob, kl")]
+MetricOpt = Annotated[str | None, typer.Option("--metric", help="Override the task metric: logit_diff, logprob, prob, kl, or output:K (raw output K at the answer position)")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an --out directory that holds an earlier run")]
 
 
@@ -211,8 +211,12 @@ def attribute(
     baseline: Annotated[str, typer.Option("--baseline", help="IG baseline: auto (corrupt if given, else pad), zero, pad, bos, corrupt")] = "auto",
     hook: Annotated[str, typer.Option("--hook", help="IG hook (hook_embed = input embeddings)")] = hook_name("embed"),
     index: Annotated[int, typer.Option("--index", help="Prompt shown by rollout / flow")] = 0,
+    bos: Annotated[str, typer.Option("--bos", help="rollout / flow: exclude (drop BOS as a source, renormalise the "
+                                     "rows), include, or auto (exclude when the model has a BOS token)")] = "auto",
     sites: Annotated[str, typer.Option("--sites", help="atp sites, comma-separated: resid_pre, resid_mid, "
                                        "resid_post, attn_out, mlp_out, z, q, k, v, pattern")] = "resid_pre,attn_out,mlp_out,z",
+    direction: Annotated[str, typer.Option("--direction", help="atp: denoise (clean into corrupt, gradient at the "
+                                           "corrupt run) or noise (corrupt into clean, gradient at the clean run)")] = "denoise",
     force: ForceOpt = False,
 ) -> None:
     """Attribution: direct logit attribution, integrated gradients, attention rollout / flow,
@@ -227,8 +231,8 @@ def attribute(
         source: Any = task if task is not None else prompt_task(prompt or "", answer or "", wrong, corrupt)
     options: dict[str, dict[str, Any]] = {
         "ig": {"steps": steps, "rule": rule, "baseline": baseline, "hook": hook},
-        "rollout": {"index": index}, "flow": {"index": index},
-        "atp": {"sites": tuple(x.strip() for x in sites.split(",") if x.strip())},
+        "rollout": {"index": index, "bos": bos}, "flow": {"index": index, "bos": bos},
+        "atp": {"sites": tuple(x.strip() for x in sites.split(",") if x.strip()), "direction": direction},
     }
     execute(f"attribute/{method}", out=out, model=model, task=source, n=n if task else None, seed=seed,
             metric=metric, force=force, **options.get(method, {}))
@@ -244,7 +248,12 @@ def trace(
     task: Annotated[str | None, typer.Option("--task", "-t", help="Average over a task with subjects (facts)")] = None,
     kind: Annotated[str, typer.Option("--kind", help="resid, mlp, attn or all")] = "all",
     samples: Annotated[int, typer.Option("--samples", help="Noise samples per run")] = 10,
-    noise: Annotated[float, typer.Option("--noise", help="Noise std as a multiple of the embedding std")] = 3.0,
+    noise: Annotated[str, typer.Option("--noise", help="Noise sigma: subject (ROME: 3 x std of the subject tokens' "
+                                       "embeddings), vocab (3 x std over the vocabulary) or a number (sigma)")] = "subject",
+    noise_scale: Annotated[float, typer.Option("--noise-scale", help="Multiplier of the std for --noise subject / vocab "
+                                               "(ROME: 3)")] = 3.0,
+    aggregate: Annotated[str, typer.Option("--aggregate", help="--task average: token (ROME's notebook: pool every "
+                                           "token of a group) or prompt (each prompt's group mean first)")] = "token",
     window: Annotated[int, typer.Option("--window", help="Layers restored together for mlp / attn")] = 10,
     out: Path = OutOpt("out/trace"), n: NOpt = None, seed: SeedOpt = 0, force: ForceOpt = False,
 ) -> None:
@@ -252,9 +261,11 @@ def trace(
     with user_errors():
         if (task is None) == (prompt is None) or (prompt is not None and (subject is None or target is None)):
             raise CircuitlabError("pass either --prompt with --subject and --target, or --task (e.g. facts)")
-    common: dict[str, Any] = {"kind": kind, "samples": samples, "noise": noise, "window": window}
+    common: dict[str, Any] = {"kind": kind, "samples": samples, "noise": noise, "noise_scale": noise_scale,
+                              "window": window}
     if task is not None:
-        execute("trace/average", out=out, model=model, task=task, n=n, seed=seed, force=force, **common)
+        execute("trace/average", out=out, model=model, task=task, n=n, seed=seed, force=force, aggregate=aggregate,
+                **common)
     else:
         execute("trace", out=out, model=model, seed=seed, force=force, prompt=prompt, subject=subject,
                 target=target, **common)
@@ -276,12 +287,17 @@ def lens(
 def path_patch_cmd(
     model: ModelOpt = DEFAULT_SPEC, task: TaskOpt = "ioi",
     receivers: Annotated[str, typer.Option("--receivers", "-r", help="Receiver pattern(s), comma-separated: 'a9.h*<q>' (queries of layer-9 heads), 'a9.h1' (its q,k,v), 'm5', 'logits'")] = "logits",
+    method: Annotated[str, typer.Option("--method", help="auto (fast paths, self-checked, equal to the masked run "
+                                        "up to float32 rounding) or masked (one masked-edge forward per sender: "
+                                        "the reference)")] = "auto",
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Rows (senders x prompts) per batched step of the "
+                                           "fast paths (memory budget)")] = 256,
     out: Path = OutOpt("out/path-patch"), n: NOpt = 8, seed: SeedOpt = 0, metric: MetricOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Path patching: every head as sender into --receivers (direct edges, corrupt -> clean), layer x head heatmap."""
     execute("path-patch", out=out, model=model, task=task, n=n, seed=seed, metric=metric, force=force,
-            receivers=receivers)
+            receivers=receivers, method=method, max_batch=max_batch)
 
 
 @app.command(epilog="Example: circuitlab patch --task ioi --site z --by layer,head --n 8 --out out/z")
@@ -298,6 +314,35 @@ def patch(
     """Activation patching sweep: normalised effect per cell (0 = corrupt, 1 = clean) and heatmaps."""
     execute("patch", out=out, model=model, task=task, n=n, seed=seed, metric=metric, force=force, site=site,
             by=by, direction=direction, max_batch=max_batch, per_prompt=per_prompt)
+
+
+@app.command(epilog="Examples: circuitlab discover --method eap --task ioi --n 8 --top-n 200 --out out/discover\n\n"
+             "circuitlab discover --method eap-ig --steps 5 --metric kl --target-faithfulness 0.8")
+def discover(
+    method: Annotated[str, typer.Option("--method", help="eap (first order), eap-ig (integrated gradients on the "
+                                        "input embeddings) or exact (one masked run per edge; small models)")] = "eap-ig",
+    model: ModelOpt = DEFAULT_SPEC, task: TaskOpt = "ioi",
+    metric: Annotated[str | None, typer.Option("--metric", help="Score by: the task metric (default), kl (KL(full || "
+                                               "circuit)), l2 (squared output distance), or logit_diff, logprob, prob")] = None,
+    positions: Annotated[str, typer.Option("--positions", help="last (answer position) or all (mean over positions; kl, l2)")] = "last",
+    ablation: Annotated[str, typer.Option("--ablation", help="What an ablated edge carries: corrupt, mean, zero or resample")] = "corrupt",
+    top_n: Annotated[int | None, typer.Option("--top-n", help="Keep the N edges with the largest |score|")] = None,
+    threshold: Annotated[float | None, typer.Option("--threshold", help="Keep edges with |score| >= X")] = None,
+    target: Annotated[float | None, typer.Option("--target-faithfulness", help="Smallest circuit with normalised "
+                                                 "faithfulness >= F, F in (0, 1] (default 0.8 when no selection is given)")] = None,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Grow the circuit from the logits backwards (no dangling edges)")] = False,
+    steps: Annotated[int, typer.Option("--steps", help="EAP-IG interpolation points")] = 5,
+    out: Path = OutOpt("out/discover"), n: NOpt = 8, seed: SeedOpt = 0, force: ForceOpt = False,
+) -> None:
+    """Circuit discovery: score every edge (EAP, EAP-IG or exact effects), choose a circuit, and write
+    circuit.json (EAP-IG / MIB layout), its picture and the faithfulness curve with CPR and CMD."""
+    methods = ("eap", "eap-ig", "exact")
+    with user_errors():
+        if method not in methods:
+            raise CircuitlabError(f"unknown discovery method {method!r}; choose one of {', '.join(methods)}")
+    execute(f"discover/{method}", out=out, model=model, task=task, n=n, seed=seed, force=force,
+            score_metric=metric, positions=positions, ablation=ablation, top_n=top_n, threshold=threshold,
+            target_faithfulness=target, greedy=greedy, steps=steps)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -55,3 +55,8 @@ class OutputError(CircuitlabError):
 
 class CacheError(CircuitlabError):
     """A model-cache entry that is missing, truncated or does not match its recorded size and hash."""
+
+
+class DiscoveryError(CircuitlabError):
+    """A circuit-discovery request that cannot run: unknown method, ablation, metric or positions, a selection
+    (top-n, threshold, target faithfulness) outside its range, or a metric the task cannot provide."""

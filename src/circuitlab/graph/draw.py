@@ -49,18 +49,30 @@ def _edge_widths(circuit: Circuit, edge_ids: list[int], min_width: float, max_wi
 def draw_circuit(circuit: Circuit, path_stem: str | Path, *, title: str | None = None,
                  min_width: float = 0.4, max_width: float = 4.0) -> list[Path]:
     """Write {stem}.png, {stem}.svg and {stem}.dot; returns the three paths."""
+    stem = Path(path_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    edge_ids = circuit.in_graph.nonzero().flatten().tolist()
+    widths = _edge_widths(circuit, edge_ids, min_width, max_width)
+    fig = circuit_figure(circuit, title=title, min_width=min_width, max_width=max_width)
+    png = save_figure_atomically(fig, stem.with_suffix(".png"), dpi=150)
+    svg = save_figure_atomically(fig, stem.with_suffix(".svg"))
+    dot = write_text_atomically(stem.with_suffix(".dot"), to_dot(circuit, edge_ids, widths))
+    return [Path(png), Path(svg), Path(dot)]
+
+
+def circuit_figure(circuit: Circuit, *, title: str | None = None, min_width: float = 0.4,
+                   max_width: float = 4.0) -> Figure:
+    """The layered drawing as a matplotlib Figure (dpi 150), for callers that save it themselves."""
     from matplotlib.figure import Figure
 
     graph = circuit.graph
     L, H = graph.shape.n_layers, graph.shape.n_heads
-    stem = Path(path_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     edge_ids = circuit.in_graph.nonzero().flatten().tolist()
     widths = _edge_widths(circuit, edge_ids, min_width, max_width)
     qkv = graph.edge_receiver_qkv
     nodes = circuit.nodes
 
-    fig = Figure(figsize=(max(4.0, 0.6 * (H + 2)), max(4.0, 0.45 * (L + 2))))
+    fig = Figure(figsize=(max(4.0, 0.6 * (H + 2)), max(4.0, 0.45 * (L + 2))), dpi=150)
     ax = fig.add_subplot()
     for e, width in zip(edge_ids, widths, strict=True):
         sender, receiver = graph.edges[e].split("->")
@@ -82,10 +94,7 @@ def draw_circuit(circuit: Circuit, path_stem: str | Path, *, title: str | None =
     ax.set_xticks([])
     ax.set_title(title or f"circuit: {circuit.n_edges} edges, {len(nodes)} nodes", fontsize=9)
     fig.tight_layout()
-    png = save_figure_atomically(fig, stem.with_suffix(".png"), dpi=150)
-    svg = save_figure_atomically(fig, stem.with_suffix(".svg"))
-    dot = write_text_atomically(stem.with_suffix(".dot"), to_dot(circuit, edge_ids, widths))
-    return [Path(png), Path(svg), Path(dot)]
+    return fig
 
 
 def to_dot(circuit: Circuit, edge_ids: list[int], widths: list[float]) -> str:

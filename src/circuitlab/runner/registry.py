@@ -25,6 +25,9 @@ _TABLE: dict[str, str] = {
     "trace": "circuitlab.patching.trace_analysis:TRACE",
     "trace/average": "circuitlab.patching.trace_analysis:TRACE_AVERAGE",
     "path-patch": "circuitlab.graph.analysis:PATH_PATCH",
+    "discover/eap": "circuitlab.discovery.analysis:EAP",
+    "discover/eap-ig": "circuitlab.discovery.analysis:EAP_IG",
+    "discover/exact": "circuitlab.discovery.analysis:EXACT",
 }
 
 

@@ -1,0 +1,201 @@
+"""`discover/eap`, `discover/eap-ig`, `discover/exact`: score every edge, choose a circuit, measure it.
+
+One run: edge scores on the task (scores.py), the faithfulness curve of the top-n circuits over MIB's sizes
+with CPR and CMD (faithfulness.py), and the circuit chosen by exactly one of ``top_n``, ``threshold`` or
+``target_faithfulness`` (default: the smallest circuit reaching faithfulness 0.8). Outputs: circuit.json
+(EAP-IG / MIB layout, every edge with its score and in_graph, node scores), circuit.png and circuit.dot
+(the circuit picture), faithfulness.png, and one record per edge, strongest first. See docs/METHODS.md,
+"Circuit discovery".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from circuitlab.analysis import Analysis
+from circuitlab.discovery.faithfulness import (
+    CircuitEvaluator,
+    FaithfulnessCurve,
+    faithfulness_curve,
+    faithfulness_of,
+    smallest_faithful_circuit,
+)
+from circuitlab.discovery.metrics import check_metric_name
+from circuitlab.discovery.scores import EdgeScoring, check_ablation, check_steps, edge_scores
+from circuitlab.discovery.selection import check_target, check_threshold, check_top_n, select
+from circuitlab.errors import DiscoveryError
+from circuitlab.graph.circuit import Circuit
+from circuitlab.graph.graph import Graph
+from circuitlab.graph.mib_json import to_mib_dict
+from circuitlab.models.model import Model
+from circuitlab.progress import status
+from circuitlab.tasks.task import Task
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+DEFAULT_TARGET = 0.8
+MAX_DRAWN_EDGES = 300  # a picture of thousands of arrows shows nothing; the strongest ones are drawn
+
+
+@dataclass(frozen=True)
+class DiscoverParams:
+    """ablation: corrupt | mean | zero | resample. score_metric: the task's metric when None, or kl / l2 /
+    another task metric. positions: last | all. steps: EAP-IG interpolation points. Selection, at most one
+    of: top_n (edges), threshold (|score| >= it), target_faithfulness (in (0, 1]); none = target 0.8.
+    greedy: grow the top-n circuit from the logits (no dangling edges). curve: compute the faithfulness
+    curve (needed by target_faithfulness)."""
+
+    ablation: str = "corrupt"
+    score_metric: str | None = None
+    positions: str = "last"
+    steps: int = 5
+    top_n: int | None = None
+    threshold: float | None = None
+    target_faithfulness: float | None = None
+    greedy: bool = False
+    curve: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_ablation(self.ablation)
+        check_metric_name(self.score_metric, self.positions)
+        check_steps(self.steps)
+        chosen = [name for name in ("top_n", "threshold", "target_faithfulness") if getattr(self, name) is not None]
+        if len(chosen) > 1:
+            raise DiscoveryError(f"choose one way to select the circuit, got {' and '.join(chosen)} "
+                                 "(top-n, threshold and target faithfulness are mutually exclusive)")
+        if self.top_n is not None:
+            check_top_n(self.top_n)
+        if self.threshold is not None:
+            check_threshold(self.threshold)
+        if self.target_faithfulness is not None:
+            check_target(self.target_faithfulness)
+        if self.greedy and self.threshold is not None:
+            raise DiscoveryError("greedy selection grows a circuit to a size: use it with top-n or target faithfulness")
+        if not self.curve and (self.target_faithfulness is not None or not chosen):
+            raise DiscoveryError("target faithfulness needs the faithfulness curve; drop curve=False or give top-n")
+
+    @property
+    def selection(self) -> tuple[str, float]:
+        if self.top_n is not None:
+            return "top_n", self.top_n
+        if self.threshold is not None:
+            return "threshold", self.threshold
+        return "target_faithfulness", self.target_faithfulness or DEFAULT_TARGET
+
+
+@dataclass
+class Discovery:
+    """Edge scores, the chosen circuit, its faithfulness and the curve (None when not computed)."""
+
+    scoring: EdgeScoring
+    circuit: Circuit
+    faithfulness: float
+    curve: FaithfulnessCurve | None
+    selection: tuple[str, float]
+    greedy: bool = False
+
+    def records(self) -> list[dict[str, Any]]:
+        """One row per edge, strongest |score| first: edge, sender, receiver, qkv, score, in_graph, index."""
+        rows = self.scoring.records()
+        in_graph = self.circuit.in_graph.tolist()
+        for e, row in enumerate(rows):
+            row["in_graph"] = bool(in_graph[e])
+            row["edge_index"] = e
+        key = [-abs(s) if s == s else math.inf for s in self.scoring.scores.tolist()]
+        return [rows[e] for e in sorted(range(len(rows)), key=key.__getitem__)]
+
+    def summary(self) -> dict[str, Any]:
+        stats = self.circuit.stats()
+        mode, value = self.selection
+        out: dict[str, Any] = {
+            "method": self.scoring.method, "ablation": self.scoring.ablation, "metric": self.scoring.metric,
+            "positions": self.scoring.positions, "selection": mode, "selection_value": value,
+            "greedy": self.greedy, "circuit_edges": stats["n_edges"], "circuit_nodes": stats["n_nodes"],
+            "circuit_heads": stats["n_heads"], "circuit_mlps": stats["n_mlps"],
+            "edge_fraction": stats["edge_fraction"], "faithfulness": self.faithfulness,
+            "graph_edges": self.scoring.graph.n_edges, "n_prompts": self.scoring.n_prompts,
+            "full_metric": self.scoring.full_metric,
+            "strongest_edges": [f"{edge} ({score:.4g})" for edge, score in self.scoring.top(5)],
+        }
+        if self.scoring.steps is not None:
+            out["steps"] = self.scoring.steps
+        if self.curve is not None:
+            out.update({"cpr": self.curve.cpr, "cmd": self.curve.cmd, "empty_metric": self.curve.empty})
+        return out
+
+    def figures(self) -> dict[str, Figure]:
+        from circuitlab.graph.draw import circuit_figure
+
+        drawn, note = self._drawn()
+        title = f"{self.scoring.method} circuit: {self.circuit.n_edges} edges, faithfulness {self.faithfulness:.3f}{note}"
+        figures = {"circuit.png": circuit_figure(drawn, title=title)}
+        if self.curve is not None:
+            marker = (self.circuit.n_edges, self.faithfulness)
+            figures["faithfulness.png"] = self.curve.figure(marker=marker)
+        return figures
+
+    def files(self) -> dict[str, str]:
+        from circuitlab.graph.draw import _edge_widths, to_dot
+
+        drawn, _ = self._drawn()
+        ids = drawn.in_graph.nonzero().flatten().tolist()
+        return {"circuit.json": self.circuit_json(),
+                "circuit.dot": to_dot(drawn, ids, _edge_widths(drawn, ids, 0.4, 4.0))}
+
+    def circuit_json(self) -> str:
+        """The EAP-IG / MIB layout: every edge with its score and in_graph, node scores (in + out |score|)."""
+        scores = torch.nan_to_num(self.scoring.scores, nan=0.0)
+        data = to_mib_dict(self.scoring.graph, self.circuit.in_graph, scores, self.scoring.node_scores())
+        return json.dumps(data)
+
+    def _drawn(self) -> tuple[Circuit, str]:
+        if self.circuit.n_edges <= MAX_DRAWN_EDGES:
+            return self.circuit, ""
+        key = torch.where(self.circuit.in_graph, self.scoring.scores.abs().nan_to_num(0.0), -1.0)
+        mask = torch.zeros_like(self.circuit.in_graph)
+        mask[torch.topk(key, MAX_DRAWN_EDGES).indices] = True
+        return Circuit(self.circuit.graph, mask, self.circuit.scores), f" (strongest {MAX_DRAWN_EDGES} drawn)"
+
+
+def discover(model: Model, task: Task, method: str, params: DiscoverParams) -> Discovery:
+    """Score, measure and select (see the module docstring)."""
+    graph = Graph.from_model(model)
+    if params.top_n is not None:
+        check_top_n(params.top_n, graph)  # needs the model's graph size
+    prepared = task.prepare(model)
+    scoring = edge_scores(model, prepared, method=method, ablation=params.ablation, metric=params.score_metric,
+                          positions=params.positions, steps=params.steps, graph=graph, seed=params.seed)
+    with status("measuring faithfulness"):
+        evaluator = CircuitEvaluator(model, prepared, ablation=params.ablation, metric=params.score_metric,
+                                     positions=params.positions, graph=graph, seed=params.seed)
+        curve = faithfulness_curve(evaluator, scoring, greedy=params.greedy) if params.curve else None
+        mode, value = params.selection
+        if mode == "target_faithfulness":
+            assert curve is not None
+            circuit, faithful = smallest_faithful_circuit(evaluator, scoring, float(value), curve=curve,
+                                                          greedy=params.greedy)
+        else:
+            circuit = select(graph, scoring.scores, top_n=params.top_n, threshold=params.threshold,
+                             greedy=params.greedy, model=model)
+            faithful = faithfulness_of(evaluator, circuit)
+    return Discovery(scoring, circuit, faithful, curve, (mode, value), params.greedy)
+
+
+def _entry(method: str, description: str) -> Analysis[DiscoverParams]:
+    def compute(model: Model, task: Task | None, params: DiscoverParams) -> Discovery:
+        assert task is not None  # the entry requires a task
+        return discover(model, task, method, params)
+
+    return Analysis(f"discover/{method}", description, DiscoverParams, compute)
+
+
+EAP = _entry("eap", "circuit discovery by edge attribution patching (first-order edge effects)")
+EAP_IG = _entry("eap-ig", "circuit discovery by EAP with integrated gradients on the input embeddings")
+EXACT = _entry("exact", "circuit discovery by exact single-edge ablation effects (masked runs)")

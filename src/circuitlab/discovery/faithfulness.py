@@ -1,0 +1,229 @@
+"""How much of the model's behaviour a circuit keeps: normalised faithfulness, its curve, CPR and CMD.
+
+A circuit C runs in the masked-edge engine with every edge outside it ablated. Its normalised faithfulness
+(MIB, Mueller et al. 2025, "MIB: A Mechanistic Interpretability Benchmark") is
+
+    f(C) = (m(C) - m(empty)) / (m(full) - m(empty))
+
+with m the mean metric over the task's prompts: 1 = the full model's behaviour, 0 = the behaviour with every
+edge ablated. The same formula serves the distance metrics (kl, l2: m(full) = 0). The curve is f of the
+top-n circuits over circuit sizes n (as fractions of the graph's edges, MIB's grid by default); with x the
+fraction of edges, by the trapezoid rule from x = 0 (f = 0) to x = 1 (f = 1):
+
+    CPR = integral of f(x) dx            (higher = a method finds faithful circuits sooner)
+    CMD = integral of |1 - f(x)| dx      (lower = closer to the full model's behaviour)
+
+See docs/METHODS.md, "Circuit discovery".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Bool, Float
+
+from circuitlab.discovery.metrics import discovery_metric
+from circuitlab.discovery.scores import BatchInputs, EdgeScoring, check_ablation
+from circuitlab.discovery.selection import check_target, greedy_mask, nested_masks
+from circuitlab.errors import DiscoveryError
+from circuitlab.graph.circuit import Circuit
+from circuitlab.graph.graph import Graph
+from circuitlab.graph.masked import MaskedEdgeEngine
+from circuitlab.models.model import Model
+from circuitlab.tasks.task import PreparedTask, Task
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+# MIB's circuit sizes, as fractions of the graph's edges.
+MIB_FRACTIONS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+Masks = Bool[torch.Tensor, "k edge"]
+
+
+class CircuitEvaluator:
+    """The mean metric of many circuits on one task, several circuits per masked forward.
+
+    Ablated outputs and reference logits are computed once per token-length group; m(full) and m(empty)
+    come from the same engine, so f(full) = 1 and f(empty) = 0 exactly.
+    """
+
+    def __init__(self, model: Model, task: Task | PreparedTask, *, ablation: str = "corrupt",
+                 metric: str | None = None, positions: str = "last", graph: Graph | None = None, seed: int = 0,
+                 rows_per_forward: int | None = None):
+        check_ablation(ablation)
+        self.prepared = task if isinstance(task, PreparedTask) else task.prepare(model)
+        self.engine = MaskedEdgeEngine(model, graph)
+        self.graph = self.engine.graph
+        self.scorer = discovery_metric(self.prepared, metric, positions)
+        self.inputs = [BatchInputs.build(self.engine, b, ablation, self.scorer, seed=seed) for b in self.prepared.batches]
+        self.rows_per_forward = rows_per_forward
+        self.n_evaluated = 0  # circuits run so far (the cost of a search)
+        ends = self.metric(torch.stack([torch.ones(self.graph.n_edges, dtype=torch.bool),
+                                        torch.zeros(self.graph.n_edges, dtype=torch.bool)]))
+        self.full, self.empty = float(ends[0]), float(ends[1])
+        # Equal up to float32 rounding of the two runs (the ablated run reorders the same sums): undefined.
+        if abs(self.full - self.empty) <= 64 * torch.finfo(torch.float32).eps * max(abs(self.full), abs(self.empty)):
+            raise DiscoveryError(
+                f"faithfulness is undefined: the metric {self.scorer.name!r} is {self.full:.6g} both with every edge "
+                "and with none (the ablation does not change the behaviour); choose another ablation or metric")
+
+    def metric(self, masks: Masks) -> Float[torch.Tensor, " k"]:
+        """Mean metric over the task's prompts of each circuit (row of `masks`)."""
+        masks = masks.reshape(-1, self.graph.n_edges)
+        total = torch.zeros(masks.shape[0])
+        with torch.no_grad():
+            for inputs in self.inputs:
+                per_forward = self.rows_per_forward or _rows(self.engine, inputs)
+                for first in range(0, masks.shape[0], per_forward):
+                    rows = masks[first:first + per_forward].float()
+                    k = rows.shape[0]
+                    logits = self.engine.run(inputs.tokens, rows, inputs.ablated)  # [k, B, P, V]
+                    batch, reference = inputs.repeated(k)
+                    values = self.scorer(logits.reshape(-1, *logits.shape[2:]), batch, reference)
+                    total[first:first + k] += values.view(k, -1).sum(1)
+        self.n_evaluated += masks.shape[0]
+        return total / self.prepared.n_prompts
+
+    def faithfulness(self, masks: Masks) -> Float[torch.Tensor, " k"]:
+        return (self.metric(masks) - self.empty) / (self.full - self.empty)
+
+
+def _rows(engine: MaskedEdgeEngine, inputs: BatchInputs, budget_bytes: float = 2**28) -> int:
+    per_row = inputs.tokens.numel() * engine.model.d_vocab * 4
+    return max(1, int(budget_bytes // max(per_row, 1)))
+
+
+def sizes_for(n_edges: int, fractions: tuple[float, ...] = MIB_FRACTIONS) -> list[int]:
+    """Edge counts for the fractions (rounded, at least 1 for a positive fraction), sorted, distinct."""
+    for x in fractions:
+        if not 0 <= x <= 1:
+            raise DiscoveryError(f"circuit-size fractions must lie in [0, 1], got {x!r}")
+    return sorted({0 if x == 0 else max(1, round(x * n_edges)) for x in fractions} | {0, n_edges})
+
+
+def area(x: list[float], y: list[float]) -> float:
+    """Trapezoid-rule area under y(x) (x increasing)."""
+    return float(sum((x1 - x0) * (y0 + y1) / 2 for x0, x1, y0, y1 in zip(x, x[1:], y, y[1:], strict=False)))
+
+
+@dataclass
+class FaithfulnessCurve:
+    """f over circuit sizes: sizes (edge counts), fractions of the graph, faithfulness and raw metric."""
+
+    sizes: list[int]
+    fractions: list[float]
+    faithfulness: list[float]
+    metrics: list[float]
+    full: float
+    empty: float
+    metric: str
+    greedy: bool = False
+
+    @property
+    def cpr(self) -> float:
+        """Area under the curve (MIB's circuit performance ratio)."""
+        return area(self.fractions, self.faithfulness)
+
+    @property
+    def cmd(self) -> float:
+        """Area between the curve and 1 (MIB's circuit-model difference)."""
+        return area(self.fractions, [abs(1 - f) for f in self.faithfulness])
+
+    def records(self) -> list[dict[str, Any]]:
+        return [{"n_edges": n, "fraction": x, "faithfulness": f, "metric": m}
+                for n, x, f, m in zip(self.sizes, self.fractions, self.faithfulness, self.metrics, strict=True)]
+
+    def summary(self) -> dict[str, Any]:
+        return {"cpr": self.cpr, "cmd": self.cmd, "full_metric": self.full, "empty_metric": self.empty,
+                "curve_points": len(self.sizes)}
+
+    def figure(self, *, title: str | None = None, marker: tuple[int, float] | None = None) -> Figure:
+        """f against the fraction of edges (log x axis, the empty circuit left out), with the 0 and 1 lines;
+        `marker` = (n_edges, faithfulness) of the chosen circuit."""
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(6.0, 3.6), dpi=150)
+        ax = fig.add_subplot()
+        points = [(x, f) for x, f in zip(self.fractions, self.faithfulness, strict=True) if x > 0]
+        ax.plot([x for x, _ in points], [f for _, f in points], "o-", color="#1f77b4", label="top-n circuits")
+        ax.axhline(1.0, color="#7f7f7f", lw=0.8, ls="--")
+        ax.axhline(0.0, color="#7f7f7f", lw=0.8, ls=":")
+        if marker is not None and marker[0] > 0:
+            ax.plot([marker[0] / self.sizes[-1]], [marker[1]], "*", color="#d62728", ms=12, label="chosen circuit")
+        ax.set_xscale("log")
+        ax.set_xlabel("circuit size (fraction of edges)")
+        ax.set_ylabel("normalised faithfulness")
+        ax.set_title(title or f"faithfulness ({self.metric}): CPR {self.cpr:.3f}, CMD {self.cmd:.3f}", fontsize=9)
+        ax.legend(fontsize=7, frameon=False)
+        fig.tight_layout()
+        return fig
+
+
+def _masks(evaluator: CircuitEvaluator, scores: torch.Tensor, sizes: list[int], greedy: bool,
+           absolute: bool) -> Masks:
+    if greedy:
+        return torch.stack([greedy_mask(evaluator.graph, scores, n, absolute=absolute) for n in sizes])
+    return nested_masks(scores, sizes, absolute=absolute)
+
+
+def faithfulness_curve(evaluator: CircuitEvaluator, scores: EdgeScoring | torch.Tensor, *,
+                       fractions: tuple[float, ...] = MIB_FRACTIONS, greedy: bool = False,
+                       absolute: bool = True) -> FaithfulnessCurve:
+    """f of the top-n circuits (greedy ones with `greedy`) at each size in `fractions` (plus 0 and 1)."""
+    values = scores.scores if isinstance(scores, EdgeScoring) else scores
+    n_edges = evaluator.graph.n_edges
+    sizes = sizes_for(n_edges, fractions)
+    masks = _masks(evaluator, values, sizes, greedy, absolute)
+    metric = evaluator.metric(masks)
+    faithful = (metric - evaluator.empty) / (evaluator.full - evaluator.empty)
+    # Greedy circuits are pruned and may be smaller than asked: plot them at their real size.
+    real = [int(m.sum()) for m in masks]
+    order = sorted(range(len(sizes)), key=lambda i: real[i])
+    return FaithfulnessCurve([real[i] for i in order], [real[i] / n_edges for i in order],
+                             [float(faithful[i]) for i in order], [float(metric[i]) for i in order],
+                             evaluator.full, evaluator.empty, evaluator.scorer.name, greedy)
+
+
+def smallest_faithful_circuit(evaluator: CircuitEvaluator, scores: EdgeScoring | torch.Tensor, target: float, *,
+                              curve: FaithfulnessCurve | None = None, greedy: bool = False,
+                              absolute: bool = True) -> tuple[Circuit, float]:
+    """The smallest top-n circuit whose faithfulness reaches `target`, and its faithfulness.
+
+    The curve's grid brackets the answer (the first grid size reaching the target and the one before it);
+    bisection inside the bracket then assumes f grows with n there (it usually does, but f is not monotone
+    in general, so "smallest" means smallest found by this search).
+    """
+    check_target(target)
+    values = scores.scores if isinstance(scores, EdgeScoring) else scores
+    curve = curve or faithfulness_curve(evaluator, values, greedy=greedy, absolute=absolute)
+    reached = [i for i, f in enumerate(curve.faithfulness) if f >= target - _slack(target)]
+    if not reached:  # unreachable only through rounding: the full circuit has f = 1 >= target
+        raise DiscoveryError(f"no circuit reached faithfulness {target}")  # pragma: no cover
+    hit = reached[0]
+    low, high = (curve.sizes[hit - 1] if hit > 0 else 0), curve.sizes[hit]
+    best = curve.faithfulness[hit]
+    while high - low > 1:
+        middle = (low + high) // 2
+        f = float(evaluator.faithfulness(_masks(evaluator, values, [middle], greedy, absolute))[0])
+        if f >= target - _slack(target):
+            high, best = middle, f
+        else:
+            low = middle
+    mask = _masks(evaluator, values, [high], greedy, absolute)[0]
+    return Circuit(evaluator.graph, mask, values.detach().clone(), model=evaluator.engine.model), best
+
+
+def _slack(target: float) -> float:
+    """f = 1 for the full circuit holds to float32 rounding of the metric means; accept that much."""
+    return 16 * torch.finfo(torch.float32).eps * max(1.0, abs(target))
+
+
+def faithfulness_of(evaluator: CircuitEvaluator, circuit: Circuit) -> float:
+    if not circuit.graph.shape.compatible_with(evaluator.graph.shape):
+        raise DiscoveryError(f"circuit is for {circuit.graph.shape.describe()}, the model has "
+                             f"{evaluator.graph.shape.describe()}")
+    value = float(evaluator.faithfulness(circuit.in_graph.unsqueeze(0))[0])
+    return value if math.isfinite(value) else math.nan

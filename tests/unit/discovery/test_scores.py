@@ -1,0 +1,160 @@
+"""Edge scores on toy models: EAP against finite differences, EAP-IG(m=1) against EAP, exact effects
+against single-edge masked runs, metrics, ablations and node scores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from circuitlab.discovery.metrics import discovery_metric
+from circuitlab.discovery.scores import BatchInputs, EdgeScoring, edge_scores, node_scores
+from circuitlab.errors import DiscoveryError
+from circuitlab.graph.masked import MaskedEdgeEngine
+
+EPS = torch.finfo(torch.float32).eps
+
+
+def some_edges(graph):
+    """One edge of every kind: into a q, a k, a v input, an MLP and the logits, from several senders."""
+    picks = ["input->a0.h1<q>", "input->a1.h0<k>", "a0.h2->a1.h3<v>", "a0.h0->m0", "m0->m1", "a1.h1->logits",
+             "m1->logits", "input->logits"]
+    return [graph.edge_id(e) for e in picks if e in graph.edge_index]
+
+
+def masked_metric(model, task, rows, ablation="corrupt", one_by_one=True):
+    """Mean task metric over the prompts for each coefficient row: plain engine runs, one row per forward
+    (the oracle for exact effects) or all rows in one forward."""
+    prepared = task.prepare(model)
+    engine = MaskedEdgeEngine(model)
+    scorer = discovery_metric(prepared)
+    total = torch.zeros(rows.shape[0], dtype=torch.float64)
+    with torch.no_grad():
+        for batch in prepared.batches:
+            inputs = BatchInputs.build(engine, batch, ablation, scorer)
+            if one_by_one:
+                for i, row in enumerate(rows):
+                    total[i] += scorer(engine.run(batch.clean, row, inputs.ablated), batch).double().sum()
+            else:
+                logits = engine.run(batch.clean, rows, inputs.ablated)
+                repeated, _ = inputs.repeated(rows.shape[0])
+                values = scorer(logits.reshape(-1, *logits.shape[2:]), repeated).view(rows.shape[0], -1)
+                total += values.double().sum(1)
+    return total / prepared.n_prompts
+
+
+def test_eap_equals_finite_differences_of_the_coefficient(toy, names_task):
+    """EAP = -dm/dc at c = 1. One-sided second-order differences (c in [0, 1]) at step h and 2h:
+    d ~ (3 m(1) - 4 m(1-h) + m(1-2h)) / 2h. Their truncation error is O(h^2), so |d_h - d_2h| bounds
+    the error of d_h (x 4/3, taken as x 2), plus float32 rounding of the means: ~8 eps |m| / h
+    (64 eps for a 8x margin). A wrong sign or a missing edge term fails by far more."""
+    scores = edge_scores(toy, names_task, method="eap").scores
+    graph = MaskedEdgeEngine(toy).graph
+    edges = some_edges(graph)
+    h = 0.05
+    rows = []
+    for e in edges:
+        for c in (1.0, 1 - h, 1 - 2 * h, 1 - 4 * h):
+            row = torch.ones(graph.n_edges)
+            row[e] = c
+            rows.append(row)
+    m = masked_metric(toy, names_task, torch.stack(rows), one_by_one=False).view(len(edges), 4)
+
+    d_h = (3 * m[:, 0] - 4 * m[:, 1] + m[:, 2]) / (2 * h)
+    d_2h = (3 * m[:, 0] - 4 * m[:, 2] + m[:, 3]) / (4 * h)
+    rounding = 64 * EPS * float(m.abs().max()) / h
+    bound = 2 * (d_h - d_2h).abs() + rounding
+    eap = -scores[edges].double()
+    assert ((eap - d_h).abs() <= bound).all(), (eap, d_h, bound)
+    assert (d_h.abs() > 10 * bound).sum() >= 3  # the check has teeth: most picked edges have a clear effect
+
+
+def test_eap_ig_with_one_step_equals_eap(toy, names_task):
+    """m = 1: the single point is the clean input, so EAP-IG is EAP computed another way (the ablated outputs
+    rebuilt as out - (clean - abl)): equal to float32 rounding of the sender outputs (measured 9 eps x
+    max|score|; 64 eps)."""
+    eap = edge_scores(toy, names_task, method="eap").scores
+    ig = edge_scores(toy, names_task, method="eap-ig", steps=1).scores
+    assert (eap - ig).abs().max() <= 64 * EPS * float(eap.abs().max())
+    assert eap.abs().max() > 0
+
+
+def test_chunks_do_not_change_scores(toy, names_task):
+    whole = edge_scores(toy, names_task, method="eap-ig", steps=4)
+    for chunk in (1, 3):  # one prompt per backward; both prompts with one point per backward
+        chunked = edge_scores(toy, names_task, method="eap-ig", steps=4, chunk=chunk)
+        assert (whole.scores - chunked.scores).abs().max() <= 64 * EPS * float(whole.scores.abs().max())
+    eap = edge_scores(toy, names_task, method="eap")
+    eap_split = edge_scores(toy, names_task, method="eap", chunk=1)
+    assert (eap.scores - eap_split.scores).abs().max() <= 64 * EPS * float(eap.scores.abs().max())
+    assert abs(eap.full_metric - eap_split.full_metric) <= 64 * EPS * abs(eap.full_metric)
+    one = edge_scores(toy, names_task, method="eap", ablation="corrupt").scores
+    assert (whole.scores - one).abs().max() > 1e3 * EPS * float(one.abs().max())  # interpolation matters
+
+
+def test_exact_effects_equal_single_edge_masked_runs(toy, names_task):
+    """exact batches many coefficient rows per forward; the oracle runs one row at a time. Same engine,
+    different batching: equal to float32 rounding of the metric (64 eps x max|m|)."""
+    exact = edge_scores(toy, names_task, method="exact", chunk=7)
+    graph = exact.graph
+    edges = some_edges(graph)
+    rows = torch.ones(len(edges) + 1, graph.n_edges)
+    rows[torch.arange(len(edges)), edges] = 0.0
+    m = masked_metric(toy, names_task, rows)
+    want = (m[:-1] - m[-1]).float()
+    assert (exact.scores[edges] - want).abs().max() <= 64 * EPS * float(m.abs().max())
+    assert abs(exact.full_metric - float(m[-1])) <= 64 * EPS * float(m.abs().max())
+    assert want.abs().max() > 1e3 * EPS * float(m.abs().max())
+
+
+def test_attention_only_model_and_every_ablation(toy_attn_only, names_task):
+    for ablation in ("corrupt", "mean", "zero", "resample"):
+        result = edge_scores(toy_attn_only, names_task, method="eap", ablation=ablation)
+        assert result.scores.shape == (result.graph.n_edges,) and result.scores.isfinite().all()
+        assert result.ablation == ablation
+    zero = edge_scores(toy_attn_only, names_task, method="eap", ablation="zero").scores
+    assert zero.abs().max() > 0
+
+
+@pytest.mark.parametrize("metric", ["kl", "l2"])
+@pytest.mark.parametrize("positions", ["last", "all"])
+def test_distance_metrics(toy, names_task, metric, positions):
+    """kl / l2 are 0 at the full model; ablating every edge moves them above 0. The first-order EAP score
+    of a distance is ~0 (the full model is its minimum); EAP-IG's interpolated gradients are not."""
+    result = edge_scores(toy, names_task, method="eap-ig", metric=metric, positions=positions)
+    assert result.metric == metric and result.positions == positions
+    assert abs(result.full_metric) <= 64 * EPS
+    assert result.scores.isfinite().all() and result.scores.abs().max() > 0
+    exact = edge_scores(toy, names_task, method="exact", metric=metric, positions=positions)
+    assert (exact.scores >= -64 * EPS).all()  # a distance to the full model cannot go below 0
+
+
+def test_bad_inputs(toy, names_task):
+    with pytest.raises(DiscoveryError, match="unknown discovery method 'acdc'"):
+        edge_scores(toy, names_task, method="acdc")
+    with pytest.raises(DiscoveryError, match="unknown ablation"):
+        edge_scores(toy, names_task, ablation="noise")
+    with pytest.raises(DiscoveryError, match="unknown metric"):
+        edge_scores(toy, names_task, metric="accuracy")
+    with pytest.raises(DiscoveryError, match="positions all needs kl or l2"):
+        edge_scores(toy, names_task, metric="logit_diff", positions="all")
+    with pytest.raises(DiscoveryError, match="unknown positions"):
+        edge_scores(toy, names_task, metric="kl", positions="first")
+    with pytest.raises(DiscoveryError, match="steps must be a positive integer"):
+        edge_scores(toy, names_task, method="eap-ig", steps=0)
+
+
+def test_node_scores_and_records(toy, names_task):
+    result = edge_scores(toy, names_task, method="eap")
+    both = result.node_scores()
+    total = float(result.scores.abs().sum())
+    assert abs(sum(both.values()) - 2 * total) <= 1e-5 * total  # every edge counts at its two ends
+    out, into = node_scores(result.graph, result.scores, "out"), node_scores(result.graph, result.scores, "in")
+    assert into["input"] == 0.0 and out["logits"] == 0.0
+    assert all(abs(both[n] - out[n] - into[n]) <= 1e-5 * total for n in both)
+    records = result.records()
+    assert len(records) == result.graph.n_edges
+    assert {r["qkv"] for r in records} == {"q", "k", "v", "-"}
+    assert records[0]["edge"] == result.graph.edges[0] and records[0]["sender"] == "input"
+    assert result.summary()["n_edges"] == result.graph.n_edges
+    with pytest.raises(DiscoveryError, match="scores must have shape"):
+        EdgeScoring(result.graph, torch.zeros(3), "eap", "corrupt", "logit_diff", "last")
