@@ -92,11 +92,16 @@ class LayerRestart:
             x = out[0] if isinstance(out, tuple) else out
         if answer_pos is not None:
             x = x[torch.arange(rows), answer_pos].unsqueeze(1)
-        logits = self.bridge.unembed(self.bridge.ln_final(x))
-        cap = float(getattr(self.bridge.cfg, "output_logits_soft_cap", -1.0) or -1.0)
-        if cap > 0:
-            logits = cap * torch.tanh(logits / cap)
-        return logits
+        return unembed(self.bridge, x)
+
+
+def unembed(bridge: Any, x: Float[torch.Tensor, "rows pos d_model"]) -> Float[torch.Tensor, "rows pos vocab"]:
+    """The bridge's head on the last block's output: final norm, unembedding, logit soft cap (if any)."""
+    logits = bridge.unembed(bridge.ln_final(x))
+    cap = float(getattr(bridge.cfg, "output_logits_soft_cap", -1.0) or -1.0)
+    if cap > 0:
+        logits = cap * torch.tanh(logits / cap)
+    return logits
 
 
 def _fit(value: Any, recorded_rows: int, rows: int) -> Any:

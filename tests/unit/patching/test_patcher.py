@@ -15,6 +15,7 @@ from circuitlab.patching import ActivationPatcher, PatchingResult
 from circuitlab.runner import run
 from circuitlab.tasks import Example, Task
 
+EPS = torch.finfo(torch.float32).eps
 WORDS = "When Mary and John went to the store , gave a drink Tom Anna Paul Kate".split()
 PAIRS = [  # short prompts keep the TransformerLens sweeps (one forward per cell) quick
     ("When Mary and John went , John gave to", "When Tom and Anna went , Paul gave to", "Mary", "John"),
@@ -37,6 +38,16 @@ def _task(metric: str = "logit_diff") -> Task:
 @pytest.fixture(scope="module")
 def prepared(gqa):
     return _task().prepare(gqa)
+
+
+@pytest.fixture(scope="module")
+def tol(gqa, prepared):
+    """Two float32 computations of one patched forward that group their sums differently (restart vs full
+    forward, other batch shapes, TransformerLens' hooks) differ by a few eps of the logits per layer: 64 eps
+    of the largest clean logit covers both layers and is far below the patch effects the tests require."""
+    with torch.no_grad():
+        logits = gqa.bridge(prepared.single_batch().clean, return_type="logits")
+    return 64 * EPS * max(1.0, float(logits.abs().max()))
 
 
 def _tl_sweep(model, prepared, fn, direction="denoise", index: pd.DataFrame | None = None):
@@ -73,7 +84,7 @@ def _as_dict(result: PatchingResult, axes: tuple[str, ...]) -> dict[tuple, float
 
 
 @pytest.mark.parametrize("fn,site,by,axes", TL_SWEEPS, ids=[f"{s}-{b}" for _, s, b, _ in TL_SWEEPS])
-def test_matches_transformer_lens(gqa, prepared, fn, site, by, axes):
+def test_matches_transformer_lens(gqa, prepared, tol, fn, site, by, axes):
     # (layer, head, pos) sweeps: a few positions (TransformerLens runs one forward per cell; keeps this quick)
     positions = [2, 5, 8] if by == "layer,head,pos" else None
     ours = ActivationPatcher(gqa, prepared, progress=False, max_batch=5).sweep(site, by, positions=positions)
@@ -83,47 +94,52 @@ def test_matches_transformer_lens(gqa, prepared, fn, site, by, axes):
     assert len(mine) == theirs.numel()
     for row, (key, value) in enumerate(mine.items()):
         expected = float(theirs[row]) if positions else float(theirs[key])
-        assert value == pytest.approx(expected, abs=1e-4), key
-    assert (ours.mean() - ours.corrupt.mean()).abs().max() > 1e-3  # the sweep is not trivially the baseline
+        assert value == pytest.approx(expected, abs=tol), key
+    assert (ours.mean() - ours.corrupt.mean()).abs().max() > 100 * tol  # the sweep is not trivially the baseline
 
 
-def test_noising_matches_transformer_lens(gqa, prepared):
+def test_noising_matches_transformer_lens(gqa, prepared, tol):
     theirs = _tl_sweep(gqa, prepared, tl.get_act_patch_resid_pre, direction="noise")
     ours = ActivationPatcher(gqa, prepared, progress=False).sweep("resid_pre", "layer,pos", "noise")
-    assert torch.allclose(ours.mean().reshape(theirs.shape), theirs, atol=1e-4)
+    assert (ours.mean().reshape(theirs.shape) - theirs).abs().max() <= tol
+    assert (theirs - ours.clean.mean()).abs().max() > 100 * tol  # noising moves the metric off the clean one
     assert ours.direction == "noise"
 
 
-def test_identity_all_positions_layer0_gives_clean(gqa, prepared):
+def test_identity_all_positions_layer0_gives_clean(gqa, prepared, tol):
     result = ActivationPatcher(gqa, prepared, progress=False).sweep("resid_pre", "layer", layers=[0])
-    assert torch.allclose(result.values[0], result.clean, atol=1e-5)
-    assert float(result.normalised()[0]) == pytest.approx(1.0, abs=1e-5)
+    assert (result.values[0] - result.clean).abs().max() <= tol
+    gap = float((result.clean.mean() - result.corrupt.mean()).abs())
+    assert gap > 100 * tol  # clean and corrupt differ, so "equals clean" is a real claim
+    assert float(result.normalised()[0]) == pytest.approx(1.0, abs=tol / gap)  # the metric's error over the gap
 
 
-def test_all_heads_z_equals_attn_out(gqa, prepared):
+def test_all_heads_z_equals_attn_out(gqa, prepared, tol):
     patcher = ActivationPatcher(gqa, prepared, progress=False)
     z = patcher.sweep("z", "layer")
     attn = patcher.sweep("attn_out", "layer")
-    assert torch.allclose(z.values, attn.values, atol=1e-5)
-    assert not torch.allclose(z.values, z.corrupt.expand_as(z.values), atol=1e-3)
+    assert (z.values - attn.values).abs().max() <= tol
+    assert (z.values - z.corrupt).abs().max() > 100 * tol
 
 
 @pytest.mark.parametrize("site,by", [("resid_post", "layer,pos"), ("mlp_out", "layer"), ("k", "layer,head,pos"),
                                      ("pattern", "layer,pos"), ("q", "layer,head")])
-def test_restart_equals_full_forward_sweep(gqa, prepared, site, by):
+def test_restart_equals_full_forward_sweep(gqa, prepared, tol, site, by):
     fast = ActivationPatcher(gqa, prepared, progress=False, max_batch=4).sweep(site, by, "noise")
     full = ActivationPatcher(gqa, prepared, progress=False, restart=False).sweep(site, by, "noise")
-    assert torch.allclose(fast.values, full.values, atol=1e-5)
+    assert (fast.values - full.values).abs().max() <= tol
+    assert (full.values - full.clean).abs().max() > 100 * tol
 
 
-def test_per_layer_sweep_over_several_prompt_lengths(gqa):
+def test_per_layer_sweep_over_several_prompt_lengths(gqa, tol):
     pairs = [*PAIRS, ("When Mary and John went , John gave", "When Tom and Anna went , Paul gave", "to", "a")]
     prepared = Task("mixed", [Example(c, x, [" " + a], [" " + w]) for c, x, a, w in pairs]).prepare(gqa)
     assert len(prepared.batches) == 2
     fast = ActivationPatcher(gqa, prepared, progress=False).sweep("resid_pre", "layer")
     full = ActivationPatcher(gqa, prepared, progress=False, restart=False).sweep("resid_pre", "layer")
-    assert torch.allclose(fast.values, full.values, atol=1e-5)
-    assert torch.allclose(fast.values[0], fast.clean, atol=1e-5)
+    assert (fast.values - full.values).abs().max() <= tol
+    assert (fast.values[0] - fast.clean).abs().max() <= tol
+    assert (fast.values[1] - fast.corrupt).abs().max() > 100 * tol
     with pytest.raises(TokenizationError, match="one token length"):
         ActivationPatcher(gqa, prepared, progress=False).sweep("resid_pre", "layer,pos")
 
@@ -135,12 +151,13 @@ def test_identical_positions_are_skipped_and_equal_baseline(gqa, prepared):
     assert torch.equal(result.values[bos], result.corrupt.expand(len(bos), -1))
 
 
-def test_kl_metric_and_answer_position_path(gqa):
+def test_kl_metric_and_answer_position_path(gqa, tol):
     prepared = _task("kl").prepare(gqa)
     fast = ActivationPatcher(gqa, prepared, progress=False).sweep("resid_pre", "layer,pos", layers=[1])
     full = ActivationPatcher(gqa, prepared, progress=False, restart=False).sweep("resid_pre", "layer,pos", layers=[1])
-    assert torch.allclose(fast.values, full.values, atol=1e-5)
-    assert torch.allclose(fast.clean, torch.zeros(3), atol=1e-5)
+    assert (fast.values - full.values).abs().max() <= tol
+    assert fast.clean.abs().max() <= tol  # KL of the clean run to itself
+    assert fast.values.abs().max() > 100 * tol
 
 
 def test_bad_input_raises_clear_errors(gqa, prepared, toy_attn_only):
@@ -187,7 +204,7 @@ def test_result_records_json_and_run_patch(gqa, tmp_path):
     assert (out / "heatmap_z_layer_head.png").stat().st_size > 1000
     assert sorted(saved["artifacts"]) == ["heatmap_z_layer_head.png", "heatmap_z_layer_pos.png", "patching.json"]
     back = PatchingResult.from_json((out / "patching.json").read_text())
-    assert back.cells == sweep.cells and torch.allclose(back.values, sweep.values)
+    assert back.cells == sweep.cells and torch.equal(back.values, sweep.values)  # JSON keeps every float32 bit
     frame = pd.read_csv(out / "results.csv")
     assert frame["value"].notna().all()
 
@@ -201,7 +218,7 @@ def test_run_patch_per_prompt_and_layers(gqa):
     sweep = done.output.sweep
     # per-prompt values normalise each prompt by its own clean / corrupt metric
     expected = (sweep.values[0] - sweep.corrupt) / (sweep.clean - sweep.corrupt)
-    assert [r["value"] for r in records] == pytest.approx(expected.tolist())
+    assert [r["value"] for r in records] == expected.tolist()  # the same float32 formula, read back as floats
     assert done.result.summary == sweep.summary()
 
 
