@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 
 from circuitlab.errors import PatchingError
 from circuitlab.patching.analysis import PATCH, PatchParams
 from circuitlab.runner import get_analysis, run
 from circuitlab.tasks.source import TaskSource
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def refuse(spec):
-        raise AssertionError(f"model {spec!r} was loaded before the options were validated")
-
-    monkeypatch.setattr(importlib.import_module("circuitlab.runner.run"), "_load", refuse)
 
 
 def test_registered():

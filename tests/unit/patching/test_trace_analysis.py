@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from contextlib import contextmanager
 
 import pytest
@@ -14,12 +13,6 @@ from circuitlab.runner import get_analysis, run
 PROMPT, SUBJECT, TARGET = "The capital of France is in", "capital of France", "Paris"
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def refuse(spec):
-        raise AssertionError(f"model {spec!r} was loaded before the options were validated")
-
-    monkeypatch.setattr(importlib.import_module("circuitlab.runner.run"), "_load", refuse)
 
 
 def test_registered():
