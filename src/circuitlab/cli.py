@@ -1,5 +1,7 @@
-"""The `circuitlab` command line: each command parses its options and calls `circuitlab.runner.run`, which
-writes results.json, results.csv, plots and report.html into `--out`."""
+"""circuitlab: circuit analysis for transformer language models. Every analysis command writes one run
+directory into --out (results.json, results.csv, figures, report.html), replaced whole or not at all."""
+
+# Each command only parses its options and calls `circuitlab.runner.run` (through `execute`).
 
 from __future__ import annotations
 

@@ -8,9 +8,15 @@ computes its clean output, so the masked run (graph/masked.py) reads at the fina
 
 and the patched logits are  unembed(ln_final(that))  with the norm recomputed (not frozen), exactly as
 the masked engine does. So one clean and one corrupt forward record every sender's output (the input's
-embedding, each head's  z_h W_O[h]  from hook_z, each MLP's mlp_out) at the positions the metric reads,
-and each sender then costs one norm and one unembedding of those few rows: no forward pass at all
-(docs/METHODS.md, "Path patching").
+embedding, each head's output from hook_z as the engine computes it, each MLP's mlp_out) at the positions
+the metric reads, and each sender then costs one norm and one unembedding of those few rows: no forward
+pass at all (docs/METHODS.md, "Path patching").
+
+A head's output is the masked engine's (`HeadwiseAttention.head_outputs`): z_h W_O[h], or on models with
+a post-attention norm (Gemma-2/3) the head's share of the normalised attention output. Before reporting,
+the sweep checks itself against the plain forward (`check_reconstruction`): in the clean and the corrupt
+run, input + every head + every MLP + the output biases must rebuild the recorded final residual stream
+at the scored positions to float32 rounding, else GraphError, never a silently wrong number.
 
 The metric reads only some positions (the answer position) and sometimes only some vocabulary columns
 (a logit difference reads the answer and wrong tokens): `direct_logit_sweep` takes a `Readout` of the
@@ -25,13 +31,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
 
 from circuitlab.errors import GraphError
 from circuitlab.graph.ablation import ablated_outputs
+from circuitlab.graph.attention import HeadwiseAttention
 from circuitlab.graph.graph import Graph
 from circuitlab.graph.masked import FwdHooks, MaskedEdgeEngine, final_input_hook
 from circuitlab.graph.naming import parse_node
@@ -57,8 +64,8 @@ class SenderSweep(PathPatchSweep):
 
     other: dict[str, float] = field(default_factory=dict)
 
-    def records(self) -> list[dict[str, str | int | float | None]]:
-        out: list[dict[str, str | int | float | None]] = list(super().records())
+    def records(self) -> list[dict[str, Any]]:  # the parent's columns, plus head None for input/MLPs
+        out: list[dict[str, Any]] = list(super().records())
         denom = self.clean - self.corrupt
         for name, value in self.other.items():
             parsed = parse_node(name)
@@ -100,10 +107,12 @@ def empty_values(graph: Graph) -> Float[torch.Tensor, "layer head"]:
 @dataclass
 class DirectRecord:
     """One plain run, read at `positions`: every sender's output [sender, batch, n_read, d_model] in
-    graph order and the final norm's input [batch, n_read, d_model]."""
+    graph order, the final norm's input [batch, n_read, d_model], and `constant` [d_model]: the terms the
+    blocks add that belong to no node (each attention's output bias b_O, or its post-norm's bias)."""
 
     outputs: Float[torch.Tensor, "sender batch n_read d_model"]
     final: Float[torch.Tensor, "batch n_read d_model"]
+    constant: Float[torch.Tensor, " d_model"]
 
 
 def gather_positions(x: Float[torch.Tensor, "batch pos *rest"], positions: Positions) -> torch.Tensor:
@@ -111,11 +120,43 @@ def gather_positions(x: Float[torch.Tensor, "batch pos *rest"], positions: Posit
     return x[rows, positions]
 
 
+HeadOutputs = Callable[[Float[torch.Tensor, "batch n_read head d_head"]], Float[torch.Tensor, "head batch n_read d_model"]]
+
+
+def head_outputs_fn(model: Model, layer: int) -> tuple[HeadOutputs, Float[torch.Tensor, " d_model"] | None]:
+    """How layer `layer`'s heads write into the residual stream, as the masked-edge engine computes it:
+    `HeadwiseAttention.head_outputs` (z_h W_O[h], or with a post-attention norm the head's share of the
+    normalised output), and the layer's term of no node (b_O, or the post-norm's bias beta).
+
+    Where the engine refuses the layer's attention (e.g. attention sinks), its output is still
+    z_h W_O[h] + b_O; `check_reconstruction` then tells whether that holds for this model."""
+    try:
+        attention = HeadwiseAttention(model.bridge, layer)
+    except GraphError:
+        attn = model.bridge.blocks[layer].attn
+        W_O = attn.W_O.detach()
+        b_O = getattr(attn, "b_O", None)
+
+        def plain(z: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("bphe,hed->hbpd", z, W_O.to(z.dtype))
+        return plain, None if b_O is None else b_O.detach()
+    bias = attention.post_norm.beta if attention.post_norm is not None else attention.b_O
+    return attention.head_outputs, bias
+
+
+def head_decomposition(model: Model, graph: Graph) -> list[tuple[HeadOutputs, torch.Tensor | None]]:
+    """`head_outputs_fn` of every layer (reads the weights: build once per sweep)."""
+    return [head_outputs_fn(model, layer) for layer in range(graph.shape.n_layers)]
+
+
 @torch.no_grad()
-def record_direct(model: Model, graph: Graph, tokens: Tokens, positions: Positions) -> DirectRecord:
+def record_direct(model: Model, graph: Graph, tokens: Tokens, positions: Positions,
+                  heads: list[tuple[HeadOutputs, torch.Tensor | None]] | None = None) -> DirectRecord:
     """One forward of `tokens` with read-only hooks: the input (resid_pre of layer 0), each head's output
-    z_h W_O[h] (hook_z; b_O belongs to no node), each MLP's mlp_out, and the final norm's input."""
+    (hook_z through `head_outputs_fn`; b_O belongs to no node), each MLP's mlp_out, and the final norm's
+    input, all at `positions`. heads: `head_decomposition(model, graph)`, built here when not given."""
     model.check_tokens(tokens)
+    heads = heads if heads is not None else head_decomposition(model, graph)
     bridge = model.bridge
     store: dict[str, torch.Tensor] = {}
 
@@ -131,13 +172,51 @@ def record_direct(model: Model, graph: Graph, tokens: Tokens, positions: Positio
         if not attn_only:
             hooks.append((hook_name("mlp_out", layer), keep(f"m{layer}")))
     bridge.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None)
+    final = store["final"]
     parts = [store["input"].unsqueeze(0)]
-    for layer in range(n_layers):
-        W_O = bridge.blocks[layer].attn.W_O.detach()  # [head, d_head, d_model]
-        parts.append(torch.einsum("brhe,hed->hbrd", store[f"z{layer}"], W_O.to(store[f"z{layer}"].dtype)))
+    constant = torch.zeros(final.shape[-1], dtype=final.dtype)
+    for layer, (outputs_of, bias) in enumerate(heads):
+        # the post-norm share is a ratio of this run's own norms: computed at the read positions only,
+        # which is exact since the norm acts per position
+        parts.append(outputs_of(store[f"z{layer}"]).to(final.dtype))
+        if bias is not None:
+            constant = constant + bias.to(final.dtype)
         if not attn_only:
             parts.append(store[f"m{layer}"].unsqueeze(0))
-    return DirectRecord(torch.cat(parts, dim=0), store["final"])
+    return DirectRecord(torch.cat(parts, dim=0), final, constant)
+
+
+# The identity  final = input + sum of head outputs + sum of MLP outputs + constant  holds exactly in real
+# numbers; in float32 the two sides are the same sum in a different order (the bridge adds each block's
+# output to the stream, we add the senders in graph order; o_proj sums over heads inside one matmul, we
+# per head), so they differ by a few eps times the magnitude of the terms at that position (per position:
+# SmolLM2's first position carries terms ~1000x larger than the others). Measured <= 1.35 eps * max_d
+# sum_s |out_s| per position on the toy, tiny HF (Llama, GPT-2, Gemma-3) models and SmolLM2-135M's 30
+# layers; 64 eps leaves a ~47x margin, while a wrong decomposition (z W_O on a post-norm model) misses by
+# ~0.5 relative.
+RECONSTRUCTION_EPS_FACTOR = 64
+
+
+def check_reconstruction(record: DirectRecord, run: str) -> None:
+    """The fast path's self-check (docs/METHODS.md, "Path patching"): the senders' outputs plus the terms
+    of no node must rebuild the recorded final residual stream at the read positions, else the per-sender
+    numbers would be silently wrong. GraphError saying which run's reconstruction failed and by how much."""
+    eps = torch.finfo(record.final.dtype).eps
+    terms = (record.outputs.abs().sum(dim=0) + record.constant.abs()).amax(dim=-1)  # [batch, n_read]
+    error = (record.outputs.sum(dim=0) + record.constant - record.final).abs().amax(dim=-1)
+    excess = error - RECONSTRUCTION_EPS_FACTOR * eps * terms
+    worst = int(excess.nan_to_num(float("inf")).argmax())  # NaN counts as a failure
+    diff, tolerance = float(error.flatten()[worst]), RECONSTRUCTION_EPS_FACTOR * eps * float(terms.flatten()[worst])
+    if not diff <= tolerance:  # also catches NaN
+        row, read = divmod(worst, error.shape[1])
+        raise GraphError(
+            f"the {run} run's final residual stream (the final norm's input) is not the sum of its senders' "
+            f"outputs (input + every head + every MLP + the output biases): at prompt {row}, scored position "
+            f"{read}, they differ by {diff:.3g} (tolerance {tolerance:.3g}, from the float resolution). The "
+            "direct-path fast path does not know how this model's heads write into the residual stream, so it "
+            "reports nothing; use method 'masked' (--method masked), whose engine checks itself against the "
+            "model's forward"
+        )
 
 
 @torch.no_grad()
@@ -169,7 +248,8 @@ def direct_logit_sweep(model: Model, clean: Tokens, corrupt: Tokens, readout: Re
 
     Two plain forwards (clean, corrupt); then, `max_batch` rows (senders x prompts) at a time, the final
     norm and unembedding of  clean final + (corrupt out_s - clean out_s)  at `positions` only. Equals
-    `masked_sweep(engine, 'logits', ...)` up to float32 rounding (tested).
+    `masked_sweep(engine, 'logits', ...)` up to float32 rounding (tested). GraphError before any number
+    when the senders' outputs do not rebuild either run's final residual (`check_reconstruction`).
 
     readout: the metric of logits [batch, n_read, vocab] read at `positions` [batch, n_read] (vocabulary
     restricted to `columns` when given). advance: a progress bar's advance(n), called per stack of senders.
@@ -185,13 +265,17 @@ def direct_logit_sweep(model: Model, clean: Tokens, corrupt: Tokens, readout: Re
     if tuple(corrupt.shape) != tuple(clean.shape) or positions.shape[0] != batch:
         raise GraphError(f"clean {tuple(clean.shape)}, corrupt {tuple(corrupt.shape)} and positions "
                          f"{tuple(positions.shape)} must agree on batch (and clean/corrupt on length)")
-    base = record_direct(model, graph, clean, positions)
-    bad = record_direct(model, graph, corrupt, positions)
+    heads = head_decomposition(model, graph)
+    base = record_direct(model, graph, clean, positions, heads)
+    bad = record_direct(model, graph, corrupt, positions, heads)
+    check_reconstruction(base, "clean")  # before any number is reported
+    check_reconstruction(bad, "corrupt")
     clean_metric = float(readout(final_logits(model, base.final, columns)).mean())
     corrupt_metric = float(readout(final_logits(model, bad.final, columns)).mean())
     index = torch.tensor([graph.sender_index[s] for s in names], dtype=torch.long)
     diffs = bad.outputs[index] - base.outputs[index]  # [n, batch, n_read, d]
-    values, other = empty_values(graph), {}
+    values = empty_values(graph)
+    other: dict[str, float] = {}
     per_stack = max(1, max_batch // batch)
     for start in range(0, len(names), per_stack):
         part = diffs[start:start + per_stack]
@@ -216,7 +300,8 @@ def masked_sweep(engine: MaskedEdgeEngine, receivers: list[str], clean: Tokens, 
     ablated = ablated_outputs(engine, "corrupt", clean, corrupt=corrupt)
     clean_metric = float(metric(model.logits(clean)).mean())
     corrupt_metric = float(metric(model.logits(corrupt)).mean())
-    values, other = empty_values(graph), {}
+    values = empty_values(graph)
+    other: dict[str, float] = {}
     for start in range(0, len(senders), chunk):
         part = senders[start:start + chunk]
         coeff = torch.stack([path_coefficients(graph, [s], receivers) for s in part])

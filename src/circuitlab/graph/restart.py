@@ -12,6 +12,12 @@ output in this run (its clean output when s_k lies before layer r); every other 
 residual. Layers with head receivers compute attention per (head, q/k/v) input with the engine's
 `HeadwiseAttention`; the other layers run the bridge's own blocks unchanged. Equals the full masked run
 (`masked_sweep`) up to float32 rounding (tested on toy models and SmolLM2).
+
+Self-checks: every sender's output, head outputs included (the post-norm share on Gemma-shaped models),
+and the recomputed attention come from a `MaskedEdgeEngine`, whose self-check against the plain forward
+ran when it was built, so this module has no decomposition of its own to check. What the engine does not
+cover is the replay itself (blocks r..L-1 called on recorded inputs): `check_replay` replays the clean
+run with no edge cut and requires the recorded final residual back before any number is reported.
 """
 
 from __future__ import annotations
@@ -90,6 +96,40 @@ def record_clean(engine: MaskedEdgeEngine, tokens: Tokens, start: int) -> CleanR
     return CleanRecord(outputs, calls, final[-1])
 
 
+# The replay calls the same blocks on the same inputs as the recorded forward, only outside it: the rows
+# may differ by kernel choice, not by algorithm. Measured 0 on the toy models and SmolLM2; 64 eps of the
+# largest residual entry at the position leaves room for a backend that reorders, while a dropped block
+# input (mask, rotary tables, position ids) moves the residual by O(1) relative.
+REPLAY_EPS_FACTOR = 64
+
+
+@torch.no_grad()
+def check_replay(engine: MaskedEdgeEngine, record: CleanRecord, start: int, positions: Positions) -> None:
+    """Replay blocks start..L-1 of the clean run with no edge cut: the final residual at `positions` must
+    be the recorded one (float32 rounding), else GraphError: the bridge's blocks need an input the
+    recording does not capture, and the restart cannot be trusted on this model."""
+    n_layers = engine.graph.shape.n_layers
+    if start >= n_layers:  # nothing replayed: the restart reads the recorded final residual itself
+        return
+    batch = record.outputs.shape[1]
+    x: Resid = record.calls[start][0][0]
+    for layer in range(start, n_layers):
+        args, kwargs = record.calls[layer]
+        out = engine.bridge.blocks[layer](x, *args[1:], **_replay_kwargs(kwargs, batch, 1))
+        x = out[0] if isinstance(out, tuple) else out
+    got, want = gather_positions(x, positions), gather_positions(record.final, positions)
+    error = (got - want).abs().amax(dim=-1)
+    tolerance = REPLAY_EPS_FACTOR * torch.finfo(want.dtype).eps * want.abs().amax(dim=-1)
+    if not bool((error <= tolerance).all()):  # also catches NaN
+        worst = int((error - tolerance).nan_to_num(float("inf")).argmax())
+        raise GraphError(
+            f"replaying blocks {start}..{n_layers - 1} of the clean run from their recorded inputs does not give "
+            f"back its final residual stream at the scored positions (max difference {float(error.max()):.3g}, "
+            f"tolerance {float(tolerance.flatten()[worst]):.3g}, from the float resolution): the model's blocks "
+            "read an input the restart does not record; use method 'masked' (--method masked)"
+        )
+
+
 def _expand(value: Any, batch: int, k: int) -> Any:
     """A recorded block input for k stacked copies of the batch: batch-first tensors repeated k times
     (row ki*batch + b = copy ki of prompt b, as tokens.repeat(k, 1)); tuples element-wise."""
@@ -103,7 +143,7 @@ def _expand(value: Any, batch: int, k: int) -> Any:
 def _replay_kwargs(kwargs: dict[str, Any], batch: int, k: int) -> dict[str, Any]:
     """The recorded keyword inputs of a block, expanded to k copies; KV caches dropped (a replay must
     not append to the clean run's cache)."""
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in kwargs.items():
         if type(value).__name__.endswith("Cache") or key in ("past_key_value", "past_key_values"):
             out[key] = None
@@ -146,7 +186,7 @@ class _Variants:
         mask = self.mask[receivers]  # [r, k]
         if not bool(mask.any()):
             return None
-        parts = []
+        parts: list[torch.Tensor | None] = []
         for i in range(self.k):
             diff = self.diff[i]
             if diff is None or not bool(mask[:, i].any()):
@@ -172,9 +212,11 @@ def restart_sweep(engine: MaskedEdgeEngine, receivers: list[str], clean: Tokens,
     start = restart_layer(engine, receivers)
     record = record_clean(engine, clean, start)
     bad = record_clean(engine, corrupt, graph.shape.n_layers)
+    check_replay(engine, record, start, positions)  # the engine's self-check covers the rest (module docstring)
     clean_metric = float(readout(final_logits(engine.model, gather_positions(record.final, positions), columns)).mean())
     corrupt_metric = float(readout(final_logits(engine.model, gather_positions(bad.final, positions), columns)).mean())
-    values, other = empty_values(graph), {}
+    values = empty_values(graph)
+    other: dict[str, float] = {}
     batch = clean.shape[0]
     per_stack = max(1, max_batch // batch)
     for first in range(0, len(senders), per_stack):

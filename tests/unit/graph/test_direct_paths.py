@@ -116,3 +116,74 @@ def test_method_is_validated_without_a_model():
         PathPatchParams("logits", method="fast")
     with pytest.raises(GraphError, match="max_batch"):
         PathPatchParams("logits", max_batch=0)
+
+
+# --- post-attention norms (Gemma-3 shape) and the self-check ---------------------------------------------
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    """A tiny random Gemma-3-shaped HF model (Q/K norms, pre and post norms, a sliding-window layer of 4
+    keys, one kv head) booted through the bridge."""
+    from circuitlab import load_model
+    from circuitlab.models.toy import tiny_hf_dir
+
+    words = "a b c d e f g h i j k l".split()
+    return load_model(tiny_hf_dir("gemma3", tmp_path_factory.mktemp("gemma3") / "model", words, seed=1))
+
+
+def gemma_prompts(model):
+    """7 tokens: longer than the sliding window, so both mask kinds matter."""
+    gen = torch.Generator().manual_seed(5)
+    return tuple(torch.randint(3, model.d_vocab, (2, 7), generator=gen) for _ in range(2))
+
+
+def test_post_norm_heads_equal_the_masked_run(gemma3):
+    """With a post-attention norm a head writes its share of the normalised output, not z W_O: every
+    sender (input, each head, each MLP) into the logits equals the masked-edge run. The old z W_O
+    decomposition missed by ~4e-2 here, far above tol (~1e-5)."""
+    engine = MaskedEdgeEngine(gemma3)
+    clean, corrupt = gemma_prompts(gemma3)
+    positions = torch.full((2, 1), 6)
+    fast = direct_logit_sweep(gemma3, clean, corrupt, lambda lg: metric(lg), positions, max_batch=5)
+    ref = masked_sweep(engine, ["logits"], clean, corrupt, metric, engine.graph.senders, chunk=6)
+    with torch.no_grad():
+        scale = float(gemma3.bridge(clean).abs().max())
+    check_equal(fast, ref, scale)
+    assert not torch.isnan(fast.values).any() and set(fast.other) == {"input", "m0", "m1"}
+    heads = (fast.values - ref.clean).abs()
+    assert heads.max() > 10 * tol(scale)  # the heads themselves move the metric
+
+
+def test_a_wrong_head_decomposition_raises(gemma3, monkeypatch):
+    """The fast path checks itself before reporting: heads as plain z W_O (ignoring the post-norm) no
+    longer rebuild the final residual stream, so the sweep raises instead of returning numbers."""
+    from circuitlab.graph import direct_paths
+
+    def plain_z_w_o(model, layer):
+        W_O = model.bridge.blocks[layer].attn.W_O.detach()
+        return (lambda z: torch.einsum("bphe,hed->hbpd", z, W_O)), None
+
+    monkeypatch.setattr(direct_paths, "head_outputs_fn", plain_z_w_o)
+    clean, corrupt = gemma_prompts(gemma3)
+    with pytest.raises(GraphError, match=r"clean run's final residual stream .* prompt \d, scored position 0"):
+        direct_logit_sweep(gemma3, clean, corrupt, lambda lg: metric(lg), torch.full((2, 1), 6))
+
+
+def test_reconstruction_tolerance_is_tight(model, monkeypatch):
+    """The identity fails on a small error too: one head's output off by 1e-4 relative to the terms'
+    magnitude (about 800 eps, above the 64-eps tolerance) is caught, in the run it affects."""
+    from circuitlab.graph import direct_paths
+
+    real = direct_paths.record_direct
+    calls: list[int] = []
+
+    def nudged(*args, **kwargs):
+        record = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:  # the corrupt run
+            record.outputs[1] += 1e-4 * float(record.outputs.abs().sum(0).max())
+        return record
+
+    monkeypatch.setattr(direct_paths, "record_direct", nudged)
+    clean, corrupt = prompts(model)
+    with pytest.raises(GraphError, match="corrupt run's final residual"):
+        direct_logit_sweep(model, clean, corrupt, lambda lg: metric(lg), torch.full((3, 1), 5))

@@ -65,3 +65,43 @@ def test_restart_layer_and_errors(engine):
     clean = torch.randint(3, engine.model.d_vocab, (2, 6))
     with pytest.raises(GraphError, match="max_batch"):
         restart_sweep(engine, ["logits"], clean, clean, metric, torch.full((2, 1), 5), ["input"], max_batch=0)
+
+
+def test_restart_on_a_post_norm_model_equals_the_masked_run(tmp_path):
+    """Gemma-3 shape (post-attention norm: a head writes its share of the normalised output; Q/K norms;
+    a sliding-window layer): the restart takes every sender output from the engine, so it agrees."""
+    from circuitlab import load_model
+    from circuitlab.models.toy import tiny_hf_dir
+
+    model = load_model(tiny_hf_dir("gemma3", tmp_path / "model", "a b c d e f g h i j k l".split(), seed=1))
+    engine = MaskedEdgeEngine(model)
+    gen = torch.Generator().manual_seed(5)
+    clean, corrupt = (torch.randint(3, model.d_vocab, (2, 7), generator=gen) for _ in range(2))
+    with torch.no_grad():
+        scale = float(model.bridge(clean).abs().max())
+    for pattern in ("a1.h*<q>", "a1.h0<v>,m1", "logits"):
+        receivers = resolve_receivers(engine.graph, pattern)
+        senders = feeding_senders(engine.graph, receivers)
+        fast = restart_sweep(engine, receivers, clean, corrupt, metric, torch.arange(7).expand(2, -1), senders,
+                             max_batch=6)
+        check_equal(fast, masked_sweep(engine, receivers, clean, corrupt, metric, senders, chunk=6), scale)
+
+
+def test_a_replay_that_garbles_a_block_input_raises(monkeypatch):
+    """The restart replays blocks on recorded inputs; the engine's self-check does not cover that, so the
+    sweep replays the clean run first. Position ids doubled (rotary reads them; a uniform shift would not
+    show, rotary attention being relative) must raise."""
+    from circuitlab.graph import restart
+
+    engine = MaskedEdgeEngine(toy_model(words=WORDS, **MODELS["mlp"]))
+    real = restart._replay_kwargs
+
+    def shifted(kwargs, batch, k):
+        out = real(kwargs, batch, k)
+        return {**out, "position_ids": out["position_ids"] * 2}
+
+    monkeypatch.setattr(restart, "_replay_kwargs", shifted)
+    clean = torch.randint(3, engine.model.d_vocab, (2, 6))
+    receivers = resolve_receivers(engine.graph, "a1.h*<q>")
+    with pytest.raises(GraphError, match=r"replaying blocks 1\.\.2 of the clean run"):
+        restart_sweep(engine, receivers, clean, clean, metric, torch.full((2, 1), 5), ["input"])
