@@ -10,6 +10,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
+from circuitlab.report.layout import CELL_HEIGHT_IN, CELL_WIDTH_IN, positions_as_rows, token_label
+
 DPI = 110
 
 
@@ -24,21 +26,31 @@ def heatmap(
     values: torch.Tensor, *, title: str, xlabel: str, ylabel: str, xticklabels: list[str] | None = None,
     signed: bool = True,
 ) -> Figure:
-    """A [rows, cols] heatmap (rows = layers, bottom to top); diverging colours when `signed`."""
+    """A [rows, cols] heatmap (rows = layers, bottom to top); diverging colours when `signed`. With more
+    token columns than report/layout.py allows, tokens go on the rows so long prompts stay legible."""
     values = values.detach().float().cpu()
-    fig = Figure(figsize=(max(4.0, 0.45 * values.shape[1] + 2), max(3.0, 0.25 * values.shape[0] + 1.5)), dpi=DPI)
+    transpose = xticklabels is not None and positions_as_rows(values.shape[1])
+    if transpose:
+        values, xlabel, ylabel = values.T, ylabel, xlabel
+    n_rows, n_cols = values.shape
+    fig = Figure(figsize=(max(4.0, CELL_WIDTH_IN * n_cols + 2), max(3.0, CELL_HEIGHT_IN * n_rows + 1.5)), dpi=DPI)
     ax = fig.add_subplot()
     kwargs = {"cmap": "RdBu", "norm": _symmetric_norm(values)} if signed else {"cmap": "viridis"}
-    image = ax.imshow(values.numpy(), aspect="auto", origin="lower", **kwargs)
+    image = ax.imshow(values.numpy(), aspect="auto", origin="upper" if transpose else "lower", **kwargs)
     fig.colorbar(image, ax=ax)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    if xticklabels is not None:
-        ax.set_xticks(range(len(xticklabels)), [repr(t)[1:-1] for t in xticklabels], rotation=90, fontsize=7)
+    tokens = [token_label(t) for t in xticklabels] if xticklabels is not None else None
+    if transpose and tokens is not None:
+        ax.set_yticks(range(n_rows), tokens, fontsize=7)
+        ax.set_xticks(range(n_cols))
     else:
-        ax.set_xticks(range(values.shape[1]))
-    ax.set_yticks(range(values.shape[0]))
+        if tokens is not None:
+            ax.set_xticks(range(n_cols), tokens, rotation=90, fontsize=7)
+        else:
+            ax.set_xticks(range(n_cols))
+        ax.set_yticks(range(n_rows))
     fig.tight_layout()
     return fig
 

@@ -4,15 +4,16 @@ One run: edge scores on the task (scores.py), the faithfulness curve of the top-
 with CPR and CMD (faithfulness.py), and the circuit chosen by exactly one of ``top_n``, ``threshold`` or
 ``target_faithfulness`` (default: the smallest circuit reaching faithfulness 0.8). Outputs: circuit.json
 (EAP-IG / MIB layout, every edge with its score and in_graph, node scores), circuit.png and circuit.dot
-(the circuit picture), faithfulness.png, and one record per edge, strongest first. See docs/METHODS.md,
-"Circuit discovery".
+(the circuit picture), faithfulness.png, and one record per edge, strongest first. Scored with kl or l2, a
+task needs no answers (`answers_optional`). See docs/METHODS.md, "Circuit discovery".
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,7 +26,7 @@ from circuitlab.discovery.faithfulness import (
     faithfulness_of,
     smallest_faithful_circuit,
 )
-from circuitlab.discovery.metrics import check_metric_name
+from circuitlab.discovery.metrics import DISTANCE_METRICS, check_metric_name
 from circuitlab.discovery.scores import EdgeScoring, check_ablation, check_steps, edge_scores
 from circuitlab.discovery.selection import check_target, check_threshold, check_top_n, select
 from circuitlab.errors import DiscoveryError
@@ -34,6 +35,8 @@ from circuitlab.graph.graph import Graph
 from circuitlab.graph.mib_json import to_mib_dict
 from circuitlab.models.model import Model
 from circuitlab.progress import status
+from circuitlab.tasks.files import load_task_file
+from circuitlab.tasks.source import TASK_FILE_SUFFIXES, TaskSource
 from circuitlab.tasks.task import Task
 
 if TYPE_CHECKING:
@@ -188,12 +191,25 @@ def discover(model: Model, task: Task, method: str, params: DiscoverParams) -> D
     return Discovery(scoring, circuit, faithful, curve, (mode, value), params.greedy)
 
 
+def answers_optional(source: TaskSource, params: DiscoverParams) -> TaskSource:
+    """kl and l2 compare the circuit with the full model, not with answers: then a task file (or a `Task`)
+    may omit `answer`. The file is parsed here, before the model loads, as `TaskSource.validate` would."""
+    if params.score_metric not in DISTANCE_METRICS:
+        return source
+    if source.task is not None:
+        return replace(source, task=replace(source.task, require_answers=False))
+    if source.name is not None and Path(source.name).suffix in TASK_FILE_SUFFIXES:
+        task = load_task_file(source.name, metric=source.metric, require_answers=False)
+        return TaskSource(n=source.n, seed=source.seed, metric=source.metric, task=task)
+    return source
+
+
 def _entry(method: str, description: str) -> Analysis[DiscoverParams]:
     def compute(model: Model, task: Task | None, params: DiscoverParams) -> Discovery:
         assert task is not None  # the entry requires a task
         return discover(model, task, method, params)
 
-    return Analysis(f"discover/{method}", description, DiscoverParams, compute)
+    return Analysis(f"discover/{method}", description, DiscoverParams, compute, task_source=answers_optional)
 
 
 EAP = _entry("eap", "circuit discovery by edge attribution patching (first-order edge effects)")

@@ -17,8 +17,10 @@ mean, zero or resample; see graph/ablation.py). Three ways to get it:
   alpha = k / steps for k = 1..steps, and multiplied by the fixed difference (abl_s - clean out_s). With
   steps = 1 the only point is the clean input, which is EAP.
 - **exact**: the masked run with that one edge's coefficient set to 0, many edges per forward (one
-  coefficient row each). Costly (one row per edge) but no approximation: the reference the other two are
-  scored against on small graphs.
+  coefficient row each). No approximation: the reference the other two are scored against on small
+  graphs. Edges are grouped by their receiver's layer r and each group's runs restart at layer r from
+  one recorded clean run (`MaskedEdgeEngine.record`): nothing before r can change, so only blocks
+  r..L-1 run (edges into the logits: only the final norm and unembedding).
 
 See docs/METHODS.md, "Circuit discovery".
 """
@@ -26,13 +28,18 @@ See docs/METHODS.md, "Circuit discovery".
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
 
-from circuitlab.discovery.metrics import DiscoveryMetric, check_metric_name, discovery_metric
+from circuitlab.discovery.metrics import (
+    DISTANCE_METRICS,
+    DiscoveryMetric,
+    check_metric_name,
+    discovery_metric,
+)
 from circuitlab.errors import DiscoveryError
 from circuitlab.graph.ablation import ABLATIONS, ablated_outputs
 from circuitlab.graph.graph import Graph
@@ -40,6 +47,7 @@ from circuitlab.graph.masked import MaskedEdgeEngine
 from circuitlab.models.hooks import hook_name
 from circuitlab.models.model import Model
 from circuitlab.progress import progress_bar
+from circuitlab.tasks.metrics import OUTPUT_PREFIX, needs_answers
 from circuitlab.tasks.task import PreparedTask, Task, TaskBatch
 
 if TYPE_CHECKING:
@@ -48,11 +56,6 @@ if TYPE_CHECKING:
 METHODS = ("eap", "eap-ig", "exact")
 EdgeVector = Float[torch.Tensor, " edge"]
 SenderOutputs = Float[torch.Tensor, "sender batch_or_1 pos d_model"]
-
-# The coefficient the gradient methods differentiate at: the float32 number just below 1. At exactly 1 the
-# engine's sparse path skips the (1 - c) terms, which are all zero, and with them the gradient; at 1 - 2^-24
-# every term is kept while the forward differs from the full model's by less than float32 rounding.
-ONE_BELOW = 1.0 - 2.0**-24
 
 
 @dataclass
@@ -166,6 +169,9 @@ def edge_scores(model: Model, task: Task | PreparedTask, *, method: str = "eap-i
     prepared = task if isinstance(task, PreparedTask) else task.prepare(model)
     engine = MaskedEdgeEngine(model, graph)
     scorer = discovery_metric(prepared, metric, positions)
+    if not scorer.needs_reference and needs_answers(scorer.name) and not prepared.task.has_answers:
+        raise DiscoveryError(f"task {prepared.task.name!r} has examples without an answer, which the metric "
+                             f"{scorer.name!r} scores; give every example an answer, or score with kl or l2")
     total = torch.zeros(engine.graph.n_edges)
     full = 0.0
     per_prompt = {"exact": engine.graph.n_edges, "eap-ig": steps, "eap": 1}[method]
@@ -236,7 +242,9 @@ class BatchInputs:
 
 
 def _grad_coefficients(engine: MaskedEdgeEngine) -> torch.Tensor:
-    return torch.full((engine.graph.n_edges,), ONE_BELOW, requires_grad=True)
+    """Every edge kept (c = 1), differentiable: the engine's backward keeps the (1 - c) terms its forward
+    skips, so dm/dc is exact there."""
+    return torch.ones(engine.graph.n_edges, requires_grad=True)
 
 
 def eap_sums(engine: MaskedEdgeEngine, inputs: BatchInputs, scorer: DiscoveryMetric) -> tuple[EdgeVector, float]:
@@ -299,27 +307,62 @@ def exact_sums(engine: MaskedEdgeEngine, inputs: BatchInputs, scorer: DiscoveryM
                edges: Int[torch.Tensor, " n"] | None = None, chunk: int | None = None,
                advance: Any = None) -> tuple[EdgeVector, float]:
     """Exact single-edge ablation effects summed over the group's prompts (NaN for edges not in `edges`),
-    and the summed full-model metric (from the same engine, so an edge with no effect scores exactly 0)."""
+    and the summed full-model metric.
+
+    One recorded clean run; then the edges sorted by receiver layer (latest first), `chunk` per forward
+    (one coefficient row each), each forward restarted at the layer of its earliest receiver. The full
+    metric comes from the same engine (the all-kept run restarted at the logits), so the effects are
+    differences of like computations."""
     graph = engine.graph
     chosen = torch.arange(graph.n_edges) if edges is None else edges
     per_forward = chunk or _rows_per_forward(engine, inputs.tokens)
     sums = torch.full((graph.n_edges,), math.nan)
+    inputs, positions = at_read_positions(scorer, inputs)
     with torch.no_grad():
-        full_values = scorer(engine.run(inputs.tokens, torch.ones(graph.n_edges), inputs.ablated), inputs.batch,
-                             inputs.reference)
+        record = engine.record(inputs.tokens)
+        full_values = scorer(engine.run(inputs.tokens, torch.ones(graph.n_edges), inputs.ablated, record=record,
+                                        positions=positions), inputs.batch, inputs.reference)
         full = float(full_values.sum())
-        for first in range(0, len(chosen), per_forward):
-            ids = chosen[first:first + per_forward]
+        # Latest receiver layer first; a forward of `per_forward` edges restarts at its earliest edge's layer,
+        # so a layer's last few edges share a forward with the next layer's first ones.
+        order = torch.argsort(engine.edge_layer[chosen], descending=True, stable=True)
+        ordered = chosen[order]
+        for first in range(0, len(ordered), per_forward):
+            ids = ordered[first:first + per_forward]
             k = len(ids)
             coefficients = torch.ones(k, graph.n_edges)
             coefficients[torch.arange(k), ids] = 0.0
-            logits = engine.run(inputs.tokens, coefficients, inputs.ablated)  # [k, B, P, V]
+            logits = engine.run(inputs.tokens, coefficients, inputs.ablated, record=record,
+                                positions=positions)  # [k, B, P or 1, V]
             repeated_batch, reference = inputs.repeated(k)
             values = scorer(logits.reshape(-1, *logits.shape[2:]), repeated_batch, reference).view(k, -1)
             sums[ids] = values.sum(1) - full
             if advance is not None:
                 advance(k)
     return sums, full
+
+
+# Task metrics that read the logits at the answer position only (tasks/metrics.py); a task's own metric
+# (induction_logprob, ...) may read others, so it gets every position.
+ANSWER_POSITION_METRICS = ("logit_diff", "logprob", "prob", "kl")
+
+
+def at_read_positions(scorer: DiscoveryMetric, inputs: BatchInputs,
+                      ) -> tuple[BatchInputs, Int[torch.Tensor, "batch 1"] | None]:
+    """When `scorer` reads only the answer position: the inputs re-indexed to that one position (answer_pos
+    0, reference logits gathered there) and the positions for `MaskedEdgeEngine.run(positions=...)`, so
+    restarted runs unembed one position per prompt. Otherwise (inputs, None)."""
+    name = scorer.name
+    answer_only = scorer.positions == "last" and (name in DISTANCE_METRICS or name in ANSWER_POSITION_METRICS
+                                                  or name.startswith(OUTPUT_PREFIX))
+    if not answer_only:
+        return inputs, None
+    positions = inputs.batch.answer_pos.unsqueeze(1)
+    batch = replace(inputs.batch, answer_pos=torch.zeros_like(inputs.batch.answer_pos))
+    reference = None
+    if inputs.reference is not None:
+        reference = inputs.reference[torch.arange(batch.size).unsqueeze(1), positions]
+    return BatchInputs(batch, inputs.ablated, reference), positions
 
 
 def gradient_rows(engine: MaskedEdgeEngine, n_pos: int, budget_bytes: float = 2**31) -> int:

@@ -21,8 +21,20 @@ short probe, that the recomputed attention of every layer equals the forward's, 
 `attention_dir` agrees with the mask the forward applies. Any failure is a GraphError, and an engine
 that failed is never built, so no analysis returns numbers from it.
 
-Several coefficient sets ([k, n_edges]) run as one forward on a k-times repeated batch. Coefficients may
-require grad; the result is then differentiable with respect to them.
+Several coefficient sets ([k, n_edges]) run as one forward on a k-times repeated batch (`max_batch` rows
+per forward at most). Coefficients may require grad; the result is then differentiable with respect to
+them, at c = 1 included: the forward skips the terms whose weight 1 - c is 0, the backward does not
+(`_EdgeMix`), so dm/dc at c = 1 is EAP's  (out_s - abl_s) . dm/d(input of r).
+
+Restarted runs: a coefficient set that differs from "all kept" only on edges into receivers at layer >= r
+leaves every node before layer r at its clean output. Given a `CleanRun` (`engine.record(tokens)`: one
+plain forward recording every sender's output and every block's inputs), `run(..., record=...)` starts
+at layer r: the senders before it enter as their recorded clean outputs, and only blocks r..L-1 (or only
+the final norm and unembedding, r = L) run. In any run, a coefficient set that touches no head input of
+a layer keeps the forward's own attention there instead of recomputing it per head (the same numbers to
+float32 rounding, and the same whichever other sets share the forward). The self-check also replays the clean
+run from a middle layer and compares a restarted run with the full one; if that fails (a block reads an
+input the recording misses), `restart_error` says why and every run falls back to the full forward.
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ from jaxtyping import Float, Int
 from circuitlab.errors import GraphError
 from circuitlab.graph.attention import HeadwiseAttention, visible_keys
 from circuitlab.graph.graph import Graph, GraphShape
+from circuitlab.graph.replay import replay_kwargs
 from circuitlab.models.hooks import hook_name
 from circuitlab.models.model import Model
 
@@ -65,6 +78,35 @@ def final_input_hook(bridge: TransformerBridge) -> str:
     return name if name in bridge.hook_dict else hook_name("unembed_in")
 
 
+BlockCall = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+@dataclass
+class CleanRun:
+    """One plain forward of `tokens`, recorded for restarted masked runs (`MaskedEdgeEngine.record`).
+
+    outputs: every sender's output [sender, batch, pos, d_model] (graph order); calls: each block's
+    (args, kwargs) from layer 1 on (residual first, then the attention mask, rotary tables, position ids
+    the bridge passed); final: the logits receiver's input (final norm's input, else the unembedding's).
+    """
+
+    tokens: Tokens
+    outputs: Float[torch.Tensor, "sender batch pos d_model"]
+    calls: dict[int, BlockCall]
+    final: Float[torch.Tensor, "batch pos d_model"]
+    fingerprint: tuple[Any, ...]
+    _diffs: tuple[tuple[Any, ...], torch.Tensor] | None = None
+
+    def differences(self, ablated: SenderOutputs) -> Float[torch.Tensor, "sender batch_pos_d"]:
+        """out_s - abl_s of every sender in this run, flattened per sender; cached for the last `ablated`
+        (every restarted run of a sweep shares them)."""
+        key = (ablated.data_ptr(), tuple(ablated.shape), ablated._version)
+        if self._diffs is None or self._diffs[0] != key:
+            diffs = (self.outputs - ablated).reshape(self.outputs.shape[0], -1)
+            self._diffs = (key, diffs)
+        return self._diffs[1]
+
+
 class MaskedEdgeEngine:
     """Runs one model under edge coefficients. Build once per model (reads the attention weights)."""
 
@@ -83,6 +125,11 @@ class MaskedEdgeEngine:
         self.layers = [HeadwiseAttention(self.bridge, layer) for layer in range(shape.n_layers)]
         self.final_hook = final_input_hook(self.bridge)
         self.masks: tuple[str, ...] = ()  # each layer's mask kind, as the self-check probed it
+        # layer of each receiver (n_layers for logits): where a run touching it can restart
+        g = self.graph
+        self.receiver_layer = torch.tensor([g.node_layer(r.split("<")[0]) for r in g.receivers], dtype=torch.long)
+        self.edge_layer = self.receiver_layer[g.edge_dst]
+        self.restart_error: str | None = None  # why restarted runs are disabled on this model, if they are
         self_check(self)
 
     # --- plain runs -----------------------------------------------------------------------------------
@@ -110,27 +157,131 @@ class MaskedEdgeEngine:
                     parts.append(store[f"m{layer}"].unsqueeze(0))
         return torch.cat(parts, dim=0)
 
+    @torch.no_grad()
+    def record(self, tokens: Tokens) -> CleanRun:
+        """One plain forward of `tokens` recording what restarted runs need (`CleanRun`)."""
+        self.model.check_tokens(tokens)
+        bridge, calls, final = self.bridge, {}, []
+
+        def capture(layer: int) -> Callable[..., None]:
+            def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                calls[layer] = (tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), dict(kwargs))
+            return hook
+
+        def capture_final(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            final.append(args[0].detach())
+
+        head = bridge.ln_final if self.final_hook == hook_name("final_norm_in") else bridge.unembed
+        handles = [bridge.blocks[layer].register_forward_pre_hook(capture(layer), with_kwargs=True)
+                   for layer in range(1, self.graph.shape.n_layers)]
+        handles.append(head.register_forward_pre_hook(capture_final))
+        try:
+            outputs = self.sender_outputs(tokens)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return CleanRun(tokens.clone(), outputs, calls, final[-1], _fingerprint(bridge))
+
+    def restart_layer(self, coefficients: Coefficients) -> int:
+        """The earliest layer holding a receiver with an incoming coefficient != 1 in any row ([n_edges] or
+        [k, n_edges]); n_layers when only edges into the logits change (or none)."""
+        changed = (coefficients.detach() != 1).reshape(-1, self.graph.n_edges).any(dim=0)
+        layers = self.edge_layer[changed]
+        return int(layers.min()) if layers.numel() else self.graph.shape.n_layers
+
     # --- masked runs ----------------------------------------------------------------------------------
     def run(
         self,
         tokens: Tokens,
         coefficients: Coefficients,
         ablated: SenderOutputs,
+        *,
+        record: CleanRun | None = None,
+        max_batch: int | None = None,
+        positions: Int[torch.Tensor, "batch n_read"] | None = None,
     ) -> Float[torch.Tensor, "*k batch pos vocab"]:
         """Logits [batch, pos, vocab] for coefficients [n_edges], or [k, batch, pos, vocab] for [k, n_edges].
 
         ablated: the senders' ablated outputs (ablation.ablated_outputs), batch dimension = batch or 1.
+        record: `self.record(tokens)`; with it, rows run from `restart_layer` of the coefficients (the
+        earliest changed receiver layer) instead of layer 0. Not used when the coefficients require grad
+        (the gradient of every edge, upstream ones included, needs the full run).
+        max_batch: at most this many rows (coefficient sets x prompts, at least one set) per forward.
+        positions: only these positions' logits ([*k, batch, n_read, vocab]); a restarted run then
+        unembeds only them (the unembedding dominates a run restarted late).
         """
         self.model.check_tokens(tokens)
         flat = coefficients.ndim == 1
         coeff = self.graph.check_coefficients(coefficients)
         ablated = self._check_ablated(ablated, tokens)
-        k, (batch, n_pos) = coeff.shape[0], tokens.shape
-        with torch.set_grad_enabled(torch.is_grad_enabled() and coeff.requires_grad):
-            state = _RunState(self, coeff, ablated, k, batch)
-            logits = self.bridge.run_with_hooks(tokens.repeat(k, 1), fwd_hooks=state.hooks(), return_type="logits")
-        logits = logits.view(k, batch, n_pos, -1)
+        if max_batch is not None and max_batch < 1:
+            raise GraphError(f"max_batch must be at least 1 (rows per masked forward), got {max_batch}")
+        if record is not None:
+            self._check_record(record, tokens)
+        if positions is not None and (positions.ndim != 2 or positions.shape[0] != tokens.shape[0]
+                                      or bool((positions < 0).any()) or bool((positions >= tokens.shape[1]).any())):
+            raise GraphError(f"positions must be [batch ({tokens.shape[0]}), n_read] indices below {tokens.shape[1]}, "
+                             f"got shape {tuple(positions.shape)}")
+        k, batch = coeff.shape[0], tokens.shape[0]
+        per_forward = k if max_batch is None else max(1, max_batch // batch)
+        parts = [self._forward(tokens, coeff[first:first + per_forward], ablated, record, positions)
+                 for first in range(0, k, per_forward)]
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         return logits[0] if flat else logits
+
+    def _forward(self, tokens: Tokens, coeff: Float[torch.Tensor, "k edge"], ablated: SenderOutputs,
+                 record: CleanRun | None, positions: Int[torch.Tensor, "batch n_read"] | None,
+                 ) -> Float[torch.Tensor, "k batch pos vocab"]:
+        k, batch = coeff.shape[0], tokens.shape[0]
+        rows = None if positions is None else positions.repeat(k, 1)
+        grad = torch.is_grad_enabled() and coeff.requires_grad
+        start = 0
+        if record is not None and not grad and self.restart_error is None:
+            start = self.restart_layer(coeff)
+        with torch.set_grad_enabled(grad):
+            state = _RunState(self, coeff, ablated, k, batch, start=start, record=record)
+            if start == 0:
+                logits = self.bridge.run_with_hooks(tokens.repeat(k, 1), fwd_hooks=state.hooks(),
+                                                    return_type="logits")
+                if rows is not None:
+                    logits = _gather(logits, rows)
+            else:
+                assert record is not None
+                logits = self._run_from(state, record, start, rows)
+        return logits.view(k, batch, logits.shape[1], -1)
+
+    def _run_from(self, state: _RunState, record: CleanRun, start: int,
+                  rows: Int[torch.Tensor, "kbatch n_read"] | None) -> Float[torch.Tensor, "kbatch pos vocab"]:
+        """Blocks start..L-1 on k copies of the recorded residual entering block `start`, under the
+        state's hooks; then the logits receiver's delta, the final norm and the unembedding (of `rows`'
+        positions only, when given)."""
+        n_layers, batch, k = self.graph.shape.n_layers, record.final.shape[0], state.k
+        x = (record.calls[start][0][0] if start < n_layers else record.final).repeat(k, 1, 1)
+        with self.bridge.hooks(fwd_hooks=state.hooks()):
+            for layer in range(start, n_layers):
+                args, kwargs = record.calls[layer]
+                state.resid = x
+                out = self.bridge.blocks[layer](x, *args[1:], **replay_kwargs(kwargs, batch, k))
+                x = out[0] if isinstance(out, tuple) else out
+        delta = state._delta(slice(self.graph.n_receivers - 1, self.graph.n_receivers))
+        x = x if delta is None else x - delta[0]
+        return self.final_logits(x if rows is None else _gather(x, rows))
+
+    def final_logits(self, resid: Float[torch.Tensor, "rows pos d_model"]) -> Float[torch.Tensor, "rows pos vocab"]:
+        """The bridge's final norm (recomputed on `resid`, the logits receiver's input) and unembedding,
+        with final-logit soft-capping (cfg.output_logits_soft_cap > 0) as the model applies it."""
+        normed = self.bridge.ln_final(resid) if self.final_hook == hook_name("final_norm_in") else resid
+        logits = self.bridge.unembed(normed)
+        cap = float(getattr(self.model.cfg, "output_logits_soft_cap", -1.0) or -1.0)
+        return torch.tanh(logits / cap) * cap if cap > 0 else logits
+
+    def _check_record(self, record: CleanRun, tokens: Tokens) -> None:
+        if record.tokens.shape != tokens.shape or not torch.equal(record.tokens, tokens):
+            raise GraphError("the recorded clean run is for other tokens; record the tokens of this run with "
+                             "engine.record(tokens)")
+        if record.fingerprint != _fingerprint(self.bridge):
+            raise GraphError("the model changed (a weight or its attention config) since the clean run was "
+                             "recorded; record it again with engine.record(tokens)")
 
     def _check_ablated(self, ablated: SenderOutputs, tokens: Tokens) -> SenderOutputs:
         want = (self.graph.n_senders, tokens.shape[1], self.graph.shape.d_model or ablated.shape[-1])
@@ -145,12 +296,15 @@ class MaskedEdgeEngine:
 
 
 class _RunState:
-    """The hooks of one masked run and what they share: this run's sender-output differences so far."""
+    """The hooks of one masked run and what they share: this run's sender-output differences so far.
+
+    Senders before block `start` (a restarted run) enter once as the recorded clean differences, shared
+    by the k rows ([n, batch*pos*d]); the others as this run's, per row ([k, n, batch*pos*d])."""
 
     def __init__(self, engine: MaskedEdgeEngine, coeff: Float[torch.Tensor, "k edge"], ablated: SenderOutputs,
-                 k: int, batch: int):
+                 k: int, batch: int, *, start: int = 0, record: CleanRun | None = None):
         self.engine, self.graph = engine, engine.graph
-        self.k, self.batch = k, batch
+        self.k, self.batch, self.start = k, batch, start
         g = self.graph
         # one_minus[k, s, r] = 1 - c on real edges, 0 elsewhere: how much of (out_s - abl_s) r loses.
         self.one_minus = torch.zeros(k, g.n_senders, g.n_receivers, dtype=coeff.dtype)
@@ -158,13 +312,23 @@ class _RunState:
         self.ablated = ablated  # [sender, batch|1, pos, d_model]
         # This run's out_s - abl_s, laid out [k, sender, batch*pos*d_model] so that a receiver group's delta
         # is one batched matmul. Without grad a preallocated buffer is filled in place; with grad the
-        # chunks are kept and concatenated (in-place writes would invalidate saved tensors).
+        # chunks are kept (in-place writes would invalidate saved tensors) and mixed by `_EdgeMix`.
         self.track_grad = torch.is_grad_enabled() and coeff.requires_grad
         self.buffer: torch.Tensor | None = None
         self.chunks: list[torch.Tensor] = []
-        self.n_done = 0
-        self.prefix_sum: torch.Tensor | None = None  # [k, batch*pos*d]: sum of all diffs so far
-        self.shape = torch.Size()  # [k*batch, pos, d_model], set by the input sender
+        self.n_base = 0  # senders before block `start`: recorded, not run
+        self.base: torch.Tensor | None = None  # [n_base, batch*pos*d]
+        self._base_sum: torch.Tensor | None = None  # [1, batch*pos*d], computed when first needed
+        if start > 0:
+            assert record is not None
+            n_layers = g.shape.n_layers
+            self.n_base = g.sender_block(start).start if start < n_layers else g.n_senders
+            self.base = record.differences(ablated)[:self.n_base]
+            self.shape = torch.Size((k * batch, *record.outputs.shape[2:]))
+        else:
+            self.shape = torch.Size()  # [k*batch, pos, d_model], set by the input sender
+        self.n_done = self.n_base
+        self.prefix_sum: torch.Tensor | None = None  # [k, batch*pos*d]: sum of this run's diffs so far
         self.resid: torch.Tensor | None = None
         self.visible: torch.Tensor | None = None  # [query, key] mask the forward applied in this layer
         self.cos: torch.Tensor | None = None
@@ -172,7 +336,7 @@ class _RunState:
 
     def hooks(self) -> FwdHooks:
         out: FwdHooks = []
-        for layer in range(self.graph.shape.n_layers):
+        for layer in range(self.start, self.graph.shape.n_layers):
             out.append((hook_name("resid_pre", layer), self._resid_pre(layer)))
             if self.engine.layers[layer].uses_hf_rotary:
                 out.append((hook_name("rot_cos", layer), self._keep("cos")))
@@ -183,7 +347,8 @@ class _RunState:
                 mlp_in = mlp_input_hook(self.engine.bridge, layer)
                 out.append((mlp_in, self._receiver_input(self.graph.mlp_receiver(layer))))
                 out.append((hook_name("mlp_out", layer), self._mlp_out(layer)))
-        out.append((self.engine.final_hook, self._receiver_input(self.graph.n_receivers - 1)))
+        if self.start == 0:  # a restarted run applies the logits' delta itself (MaskedEdgeEngine._run_from)
+            out.append((self.engine.final_hook, self._receiver_input(self.graph.n_receivers - 1)))
         return out
 
     def _add_senders(self, outputs: Float[torch.Tensor, "n k_batch pos d_model"]) -> None:
@@ -196,40 +361,41 @@ class _RunState:
             self.chunks.append(diff)
         else:
             if self.buffer is None:
-                self.buffer = diff.new_empty(self.k, self.graph.n_senders, diff.shape[-1])
-            self.buffer[:, self.n_done:self.n_done + n] = diff
+                self.buffer = diff.new_empty(self.k, self.graph.n_senders - self.n_base, diff.shape[-1])
+            live = self.n_done - self.n_base
+            self.buffer[:, live:live + n] = diff
         total = diff.sum(dim=1)
         self.prefix_sum = total if self.prefix_sum is None else self.prefix_sum + total
         self.n_done += n
         self.shape = outputs.shape[1:]
 
-    def _delta(self, receivers: slice) -> Float[torch.Tensor, "receiver k_batch pos d_model"]:
-        """sum_s (1 - c_{s,r}) (out_s - abl_s) for receivers r: [n_receivers, k*batch, pos, d_model]."""
-        if self.track_grad:
-            diffs = torch.cat(self.chunks, dim=1) if len(self.chunks) > 1 else self.chunks[0]
-        else:
-            assert self.buffer is not None
-            diffs = self.buffer[:, :self.n_done]
+    def _delta(self, receivers: slice) -> Float[torch.Tensor, "receiver k_batch pos d_model"] | None:
+        """sum_s (1 - c_{s,r}) (out_s - abl_s) for receivers r: [n_receivers, k*batch, pos, d_model]; None
+        when every weight is 0 and nothing needs a gradient (the receivers read the plain residual)."""
         weights = self.one_minus[:, :self.n_done, receivers]  # [k, n, r]
-        # Every sender before a receiver feeds it, so sum_s (1-c) d_s = prefix_sum - sum_s c d_s: use the
-        # form with fewer active senders (circuits and path patching have few), gathering only those rows.
-        ablated_rows = (weights != 0).any(dim=2).any(dim=0)
-        kept_rows = (weights != 1).any(dim=2).any(dim=0)
-        complement = int(kept_rows.sum()) < int(ablated_rows.sum())  # fewer senders to multiply
-        rows = kept_rows if complement else ablated_rows
-        if complement:
-            weights = 1.0 - weights
-        n_rows = int(rows.sum())
-        if 2 * n_rows > rows.numel():  # gathering most rows costs more than multiplying by the zeros
-            total = torch.bmm(weights.transpose(1, 2), diffs)  # [k, r, batch*pos*d]
+        total = None
+        if self.base is not None:
+            total = _sparse_mix(weights[:, :self.n_base], self.base.unsqueeze(0), self._get_base_sum)
+        live = weights[:, self.n_base:]
+        if self.track_grad:
+            mixed = _EdgeMix.apply(live, *self.chunks)
+        elif self.buffer is not None:
+            prefix_sum = self.prefix_sum
+            mixed = _sparse_mix(live, self.buffer[:, :self.n_done - self.n_base], lambda: prefix_sum)
         else:
-            index = torch.nonzero(rows).flatten()
-            total = torch.bmm(weights[:, index].transpose(1, 2), diffs[:, index])
-        if complement:
-            assert self.prefix_sum is not None
-            total = self.prefix_sum.unsqueeze(1) - total
+            mixed = None
+        if mixed is not None:
+            total = mixed if total is None else total + mixed
+        if total is None:
+            return None
         n_r = total.shape[1]
         return total.view(self.k, n_r, self.batch, -1).transpose(0, 1).reshape(n_r, *self.shape)
+
+    def _get_base_sum(self) -> torch.Tensor:
+        if self._base_sum is None:
+            assert self.base is not None
+            self._base_sum = self.base.sum(0, keepdim=True)
+        return self._base_sum
 
     def _keep(self, attr: str) -> HookFn:
         def hook(x: torch.Tensor, hook: HookPoint) -> None:
@@ -256,22 +422,114 @@ class _RunState:
             if self.visible is None:
                 raise GraphError(f"layer {layer}: the bridge's attention fired no hook_pattern before hook_z, so the "
                                  "mask its forward applies cannot be read; this attention module is not supported")
-            streams = self.resid.unsqueeze(0) - self._delta(self.graph.head_receivers(layer))
-            new_z = attention.z(streams, self.cos, self.sin, self.visible)
+            receivers = self.graph.head_receivers(layer)
+            delta = self._delta(receivers)
+            if delta is None:  # every head reads the plain residual: the forward's own attention is the answer
+                new_z = z
+            else:
+                new_z = attention.z(self.resid.unsqueeze(0) - delta, self.cos, self.sin, self.visible).to(z.dtype)
+                if not self.track_grad:
+                    # Rows (coefficient sets) that touch no head input here keep the forward's own z, so a
+                    # row's logits never depend on which other rows share its forward.
+                    touched = (self.one_minus[:, :, receivers] != 0).flatten(1).any(dim=1)
+                    if not bool(touched.all()):
+                        rows = touched.repeat_interleave(self.batch).view(-1, *([1] * (z.ndim - 1)))
+                        new_z = torch.where(rows, new_z, z)
             self.visible = None
             self._add_senders(attention.head_outputs(new_z))
-            return new_z.to(z.dtype)
+            return new_z
         return hook
 
     def _receiver_input(self, receiver: int) -> HookFn:
         def hook(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-            return x - self._delta(slice(receiver, receiver + 1))[0]
+            delta = self._delta(slice(receiver, receiver + 1))
+            return x if delta is None else x - delta[0]
         return hook
 
     def _mlp_out(self, layer: int) -> HookFn:
         def hook(x: torch.Tensor, hook: HookPoint) -> None:
             self._add_senders(x.unsqueeze(0))
         return hook
+
+
+def _gather(x: Float[torch.Tensor, "rows pos *rest"], positions: Int[torch.Tensor, "rows n_read"]) -> torch.Tensor:
+    return x[torch.arange(x.shape[0]).unsqueeze(1), positions]
+
+
+def _weighted(weights: Float[torch.Tensor, "k n r"], diffs: Float[torch.Tensor, "k_or_1 n x"]) -> torch.Tensor:
+    """sum_n weights[k, n, r] diffs[k, n, :] -> [k, r, x]; diffs shared by the k rows when its first dim is 1."""
+    k, n, r = weights.shape
+    if diffs.shape[0] == 1 and k > 1:
+        return (weights.transpose(1, 2).reshape(k * r, n) @ diffs[0]).view(k, r, -1)
+    return torch.bmm(weights.transpose(1, 2), diffs)
+
+
+def _sparse_mix(weights: Float[torch.Tensor, "k n r"], diffs: Float[torch.Tensor, "k_or_1 n x"],
+                diff_sum: Callable[[], Float[torch.Tensor, "k_or_1 x"] | None]) -> Float[torch.Tensor, "k r x"] | None:
+    """sum_n weights[k, n, r] diffs[., n] multiplying only the senders (rows) that matter; None if none does.
+
+    Every sender before a receiver feeds it, so sum_s w d = diff_sum() - sum_s (1 - w) d: use the form with
+    fewer active senders (circuits and path patching have few), gathering only those rows. diff_sum is
+    called only when that form is chosen."""
+    if weights.shape[1] == 0:
+        return None
+    ablated_rows = (weights != 0).any(dim=2).any(dim=0)
+    n_ablated = int(ablated_rows.sum())
+    if n_ablated == 0:
+        return None
+    kept_rows = (weights != 1).any(dim=2).any(dim=0)
+    complement = int(kept_rows.sum()) < n_ablated  # fewer senders to multiply
+    rows = kept_rows if complement else ablated_rows
+    if complement:
+        weights = 1.0 - weights
+    n_rows = int(rows.sum())
+    if 2 * n_rows > rows.numel():  # gathering most rows costs more than multiplying by the zeros
+        total = _weighted(weights, diffs)
+    elif n_rows == 0:
+        total = torch.zeros(weights.shape[0], weights.shape[2], diffs.shape[-1], dtype=diffs.dtype)
+    else:
+        index = torch.nonzero(rows).flatten()
+        total = _weighted(weights[:, index], diffs[:, index])
+    if complement:
+        whole = diff_sum()
+        assert whole is not None
+        total = whole.unsqueeze(1) - total
+    return total
+
+
+class _EdgeMix(torch.autograd.Function):
+    """sum_s w[k, s, r] d_s over the senders' difference chunks, with a sparse forward and a dense backward.
+
+    At c = 1 (w = 1 - c = 0) the forward needs no product at all, but dm/dw = d_s . dm/d(input of r) is
+    not 0: it is EAP's score. The backward computes it for every edge from the saved chunks (no
+    concatenated copy); the gradient to the chunks, w . dm/d(input), only where w != 0."""
+
+    @staticmethod
+    def forward(ctx: Any, weights: Float[torch.Tensor, "k n r"], *chunks: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weights, *chunks)
+        k, _, r = weights.shape
+        total = chunks[0].new_zeros(k, r, chunks[0].shape[-1]) if chunks else weights.new_zeros(k, r, 0)
+        first = 0
+        for chunk in chunks:
+            w = weights[:, first:first + chunk.shape[1]]
+            first += chunk.shape[1]
+            if bool((w != 0).any()):
+                total += torch.bmm(w.transpose(1, 2), chunk)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        weights, *chunks = ctx.saved_tensors
+        grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_w = torch.cat([torch.bmm(chunk, grad.transpose(1, 2)) for chunk in chunks], dim=1)
+        grads: list[torch.Tensor | None] = []
+        first = 0
+        for i, chunk in enumerate(chunks):
+            w = weights[:, first:first + chunk.shape[1]]
+            first += chunk.shape[1]
+            grads.append(torch.bmm(w, grad) if ctx.needs_input_grad[i + 1] and bool((w != 0).any()) else None)
+        return (grad_w, *grads)
 
 
 # --- the self-check --------------------------------------------------------------------------------------
@@ -291,6 +549,7 @@ class _Verdict:
     error: str | None
     scales: tuple[float, ...]
     masks: tuple[str, ...]
+    restart_error: str | None = None
 
 
 _VERDICTS: weakref.WeakKeyDictionary[Any, _Verdict] = weakref.WeakKeyDictionary()
@@ -312,8 +571,8 @@ def self_check(engine: MaskedEdgeEngine) -> None:
     verdict = _VERDICTS.get(bridge)
     if verdict is None or verdict.fingerprint != fingerprint:
         try:
-            scales, masks = _run_self_check(engine)
-            verdict = _Verdict(fingerprint, None, scales, masks)
+            scales, masks, restart_error = _run_self_check(engine)
+            verdict = _Verdict(fingerprint, None, scales, masks, restart_error)
         except GraphError as exc:
             verdict = _Verdict(fingerprint, str(exc), (), ())
         _VERDICTS[bridge] = verdict
@@ -323,6 +582,7 @@ def self_check(engine: MaskedEdgeEngine) -> None:
     for layer, scale, mask in zip(engine.layers, verdict.scales, verdict.masks, strict=True):
         layer.scale, layer.mask = scale, mask
     engine.masks = verdict.masks
+    engine.restart_error = verdict.restart_error
 
 
 def _probe_tokens(model: Model, seed: int) -> Tokens:
@@ -331,7 +591,7 @@ def _probe_tokens(model: Model, seed: int) -> Tokens:
     return torch.randint(0, model.d_vocab, (2, n_pos), generator=generator)
 
 
-def _run_self_check(engine: MaskedEdgeEngine) -> tuple[tuple[float, ...], tuple[str, ...]]:
+def _run_self_check(engine: MaskedEdgeEngine) -> tuple[tuple[float, ...], tuple[str, ...], str | None]:
     model, bridge = engine.model, engine.bridge
     clean, corrupt = _probe_tokens(model, 0), _probe_tokens(model, 1)
     masks = _probe_layers(engine, clean)
@@ -350,7 +610,30 @@ def _run_self_check(engine: MaskedEdgeEngine) -> tuple[tuple[float, ...], tuple[
                 f"the masked run with {what} differs by {diff:.3g} in the logits (tolerance {tolerance:.3g}, "
                 f"from the float resolution); masks probed per layer: {', '.join(masks)}"
             )
-    return tuple(layer.scale for layer in engine.layers), masks
+    return tuple(layer.scale for layer in engine.layers), masks, _check_restart(engine, clean, ablated)
+
+
+def _check_restart(engine: MaskedEdgeEngine, tokens: Tokens, ablated: SenderOutputs) -> str | None:
+    """Restarted runs against full ones on the probe: every edge into the middle layer and into the logits
+    ablated (a restart there replays blocks L/2..L-1), and every edge into the logits only (a restart at
+    the final norm). Returns what differs (restarts are then disabled) or None. The self-check's
+    tolerance: the same sums, grouped differently (recorded clean differences instead of this run's)."""
+    n_layers = engine.graph.shape.n_layers
+    middle = max(1, n_layers // 2)
+    into_logits = engine.edge_layer == n_layers
+    coefficients = torch.stack([(~((engine.edge_layer == middle) | into_logits)).float(), (~into_logits).float()])
+    with torch.no_grad():
+        record = engine.record(tokens)
+        full = engine.run(tokens, coefficients, ablated)
+        for row, want in zip(coefficients, full, strict=True):
+            got = engine.run(tokens, row, ablated, record=record)
+            tolerance = SELF_CHECK_EPS_FACTOR * torch.finfo(want.dtype).eps * float(want.abs().max())
+            diff = float((got - want).abs().max())
+            if not diff <= tolerance:
+                return (f"a masked run restarted at layer {engine.restart_layer(row)} from the recorded clean run "
+                        f"differs from the full run by {diff:.3g} in the logits (tolerance {tolerance:.3g}): the "
+                        "model's blocks read an input the recording does not capture")
+    return None
 
 
 def _probe_layers(engine: MaskedEdgeEngine, tokens: Tokens) -> tuple[str, ...]:

@@ -44,6 +44,7 @@ from circuitlab.graph.direct_paths import (
 from circuitlab.graph.masked import FwdHooks, MaskedEdgeEngine, mlp_input_hook
 from circuitlab.graph.naming import parse_node
 from circuitlab.graph.path_patching import Advance
+from circuitlab.graph.replay import replay_kwargs
 from circuitlab.models.hooks import hook_name
 
 if TYPE_CHECKING:
@@ -115,7 +116,7 @@ def check_replay(engine: MaskedEdgeEngine, record: CleanRecord, start: int, posi
     x: Resid = record.calls[start][0][0]
     for layer in range(start, n_layers):
         args, kwargs = record.calls[layer]
-        out = engine.bridge.blocks[layer](x, *args[1:], **_replay_kwargs(kwargs, batch, 1))
+        out = engine.bridge.blocks[layer](x, *args[1:], **replay_kwargs(kwargs, batch, 1))
         x = out[0] if isinstance(out, tuple) else out
     got, want = gather_positions(x, positions), gather_positions(record.final, positions)
     error = (got - want).abs().amax(dim=-1)
@@ -128,30 +129,6 @@ def check_replay(engine: MaskedEdgeEngine, record: CleanRecord, start: int, posi
             f"tolerance {float(tolerance.flatten()[worst]):.3g}, from the float resolution): the model's blocks "
             "read an input the restart does not record; use method 'masked' (--method masked)"
         )
-
-
-def _expand(value: Any, batch: int, k: int) -> Any:
-    """A recorded block input for k stacked copies of the batch: batch-first tensors repeated k times
-    (row ki*batch + b = copy ki of prompt b, as tokens.repeat(k, 1)); tuples element-wise."""
-    if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[0] == batch and batch > 1:
-        return value.repeat(k, *([1] * (value.ndim - 1)))
-    if isinstance(value, tuple):
-        return tuple(_expand(v, batch, k) for v in value)
-    return value
-
-
-def _replay_kwargs(kwargs: dict[str, Any], batch: int, k: int) -> dict[str, Any]:
-    """The recorded keyword inputs of a block, expanded to k copies; KV caches dropped (a replay must
-    not append to the clean run's cache)."""
-    out: dict[str, Any] = {}
-    for key, value in kwargs.items():
-        if type(value).__name__.endswith("Cache") or key in ("past_key_value", "past_key_values"):
-            out[key] = None
-        elif key == "use_cache":
-            out[key] = False
-        else:
-            out[key] = _expand(value, batch, k)
-    return out
 
 
 class _Variants:
@@ -243,7 +220,7 @@ def _run_from(engine: MaskedEdgeEngine, variants: _Variants, record: CleanRecord
         args, kwargs = record.calls[layer]
         hooks = _layer_hooks(engine, variants, layer, x, seen)
         with bridge.hooks(fwd_hooks=hooks):
-            out = bridge.blocks[layer](x, *args[1:], **_replay_kwargs(kwargs, batch, k))
+            out = bridge.blocks[layer](x, *args[1:], **replay_kwargs(kwargs, batch, k))
         x = out[0] if isinstance(out, tuple) else out
     final = variants.delta([graph.n_receivers - 1])
     if final is not None:

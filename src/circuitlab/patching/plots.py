@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 
 from circuitlab.patching.causal_trace import TOKEN_GROUPS, AverageTrace, TraceGrid
 from circuitlab.patching.result import PatchingResult
+from circuitlab.report.layout import CELL_HEIGHT_IN, CELL_WIDTH_IN, positions_as_rows, token_label
 
 HEATMAP_DPI = 120
 TRACE_DPI = 130
@@ -45,23 +46,36 @@ def patching_figures(result: PatchingResult) -> dict[str, Figure]:
 
 
 def plot_heatmap(result: PatchingResult, view: View) -> Figure:
-    """A diverging heatmap of the normalised effect (0 = corrupt, 1 = clean), centred on 0."""
+    """A diverging heatmap of the normalised effect (0 = corrupt, 1 = clean), centred on 0. Long prompts put
+    positions on the rows (report/layout.py) so the figure stays legible."""
     grid = result.grid(view.rows, view.cols or "pos")
     if view.cols is None:  # per-layer sweep: one column covering every position
         grid = grid[:, :1]
+    transpose = view.cols == "pos" and positions_as_rows(grid.shape[1])
+    if transpose:
+        grid = grid.T
     n_rows, n_cols = grid.shape
     # At least 5.5 in wide: the title lines (< 50 characters each at 9 pt) are never clipped.
-    fig = Figure(figsize=(max(5.5, 0.45 * n_cols + 2.5), max(3.0, 0.22 * n_rows + 1.8)), dpi=HEATMAP_DPI)
+    fig = Figure(figsize=(max(5.5, CELL_WIDTH_IN * n_cols + 2.5), max(3.0, CELL_HEIGHT_IN * n_rows + 1.8)),
+                 dpi=HEATMAP_DPI)
     ax = fig.subplots()
     bound = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 0.0
     bound = bound if bound > 1e-6 else 1.0  # an all-zero sweep: a plain 0..1 scale, not one of width 1e-6
     image = ax.imshow(grid, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="normalised effect")
+    tokens = [token_label(t, i) for i, t in enumerate(result.pos_labels)] if result.pos_labels else None
+    if transpose:
+        ax.set_xlabel(view.rows)
+        ax.set_xticks(range(n_cols), [str(i) for i in range(n_cols)], fontsize=7)
+        ax.set_ylabel("position (first clean prompt)")
+        ax.set_yticks(range(n_rows), tokens[:n_rows] if tokens else [str(i) for i in range(n_rows)], fontsize=7)
+        ax.set_title("\n".join(_title_lines(result, view)), fontsize=_TITLE_SIZE)
+        fig.tight_layout()
+        return fig
     ax.set_ylabel(view.rows)
     ax.set_yticks(range(n_rows), [str(i) for i in range(n_rows)], fontsize=7 if n_rows > 16 else 9)
-    if view.cols == "pos" and result.pos_labels:
-        labels = [f"{t!r}"[1:-1] + f" ({i})" for i, t in enumerate(result.pos_labels[:n_cols])]
-        ax.set_xticks(range(n_cols), labels, rotation=90, fontsize=7)
+    if view.cols == "pos" and tokens:
+        ax.set_xticks(range(n_cols), tokens[:n_cols], rotation=90, fontsize=7)
         ax.set_xlabel("position (first clean prompt)")
     elif view.cols is None:
         ax.set_xticks([0], ["all positions"])

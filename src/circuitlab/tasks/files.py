@@ -3,7 +3,8 @@
 Schema (one example per line / row):
   clean    (str)  the clean prompt
   corrupt  (str)  the corrupt prompt (same token length when positions must align)
-  answer   (str or list of str)  the correct next token(s), e.g. " Mary" (not needed by the metric output:K)
+  answer   (str or list of str)  the correct next token(s), e.g. " Mary" (not needed by the metric output:K,
+           nor by circuit discovery scored with kl or l2)
   wrong    (str or list of str, optional)  the incorrect next token(s), e.g. " John" (needed by logit_diff)
 Optional structural fields (see `Example`): clean_ids, corrupt_ids, answer_ids, wrong_ids, targets (lists
 of token ids, used as given: no BOS is added), answer_pos (int), subject (str), extra (object of ints or
@@ -31,19 +32,22 @@ REQUIRED = ("clean", "corrupt", "answer")
 IDS_FOR = {"clean": "clean_ids", "corrupt": "corrupt_ids", "answer": "answer_ids"}
 _ID_LISTS = ("clean_ids", "corrupt_ids", "answer_ids", "wrong_ids", "targets")
 SCHEMA_HINT = (f"each example needs {list(REQUIRED)} (or their token ids {list(IDS_FOR.values())}), "
-               "plus optional 'wrong'; with the metric output:K, 'answer' is not needed")
+               "plus optional 'wrong'; with the metric output:K, 'answer' is not needed (nor by "
+               "`discover --metric kl|l2`)")
 
 
-def load_task_file(path: str | Path, *, metric: str | None = None) -> Task:
+def load_task_file(path: str | Path, *, metric: str | None = None, require_answers: bool = True) -> Task:
     """A `Task` from a .jsonl or .csv file; every problem is a TaskError naming the line and the fix.
 
     `metric` overrides the default (logit_diff when every row has a wrong answer, else logprob); with
-    `output:K` the rows need no answer.
+    `output:K` the rows need no answer. require_answers=False: rows may omit answers whatever the metric
+    (for scores that need none, such as discovery's kl and l2); the Task records it (`Task.require_answers`).
     """
     path = Path(path)
     if metric is not None:
         get_metric(metric)
-    required = REQUIRED if metric is None or needs_answers(metric) else ("clean", "corrupt")
+    answers = require_answers and (metric is None or needs_answers(metric))
+    required = REQUIRED if answers else ("clean", "corrupt")
     if not path.is_file():
         raise TaskError(f"task file {path} does not exist")
     if path.suffix not in (".jsonl", ".csv"):
@@ -59,7 +63,8 @@ def load_task_file(path: str | Path, *, metric: str | None = None) -> Task:
     if not examples:
         raise TaskError(f"task file {path} holds no examples; {SCHEMA_HINT}")
     default_metric = "logit_diff" if all(e.wrong or e.wrong_ids for e in examples) else "logprob"
-    return Task(name=path.stem, examples=examples, metric=metric or default_metric, params={"file": str(path)})
+    return Task(name=path.stem, examples=examples, metric=metric or default_metric, params={"file": str(path)},
+                require_answers=require_answers)
 
 
 def _read_text(path: Path) -> str:

@@ -118,6 +118,8 @@ class Task:
 
     align: clean and corrupt prompts must have the same token length (needed by position-wise patching).
     single_token_answers: every answer/wrong string must be one token.
+    require_answers: False lets examples omit their answers, for scores that compare with the full model
+    instead (circuit discovery's kl and l2); `has_answers` says whether every example gives one.
     """
 
     name: str
@@ -127,6 +129,7 @@ class Task:
     single_token_answers: bool = True
     description: str = ""
     params: dict[str, Any] = field(default_factory=dict)
+    require_answers: bool = True
 
     def __post_init__(self) -> None:
         if not self.examples:
@@ -135,6 +138,11 @@ class Task:
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    @property
+    def has_answers(self) -> bool:
+        """Whether every example gives an answer (text or ids)."""
+        return all(ex.answer or ex.answer_ids for ex in self.examples)
 
     def subset(self, n: int | None) -> Task:
         """The first `n` examples (all when n is None)."""
@@ -289,10 +297,10 @@ def _tokenize_example(task: Task, model: Model, i: int, ex: Example) -> dict:
             f"so positions align, but clean is {len(clean)} tokens {model.str_tokens(clean)} and corrupt is "
             f"{len(corrupt)} tokens {model.str_tokens(corrupt)}; pick a corruption with the same tokenization"
         )
-    if not ex.answer and not ex.answer_ids and needs_answers(task.metric):
+    if not ex.answer and not ex.answer_ids and task.require_answers and needs_answers(task.metric):
         raise TaskError(f"{where} has no answer; give 'answer' (text) or 'answer_ids', or score a model whose "
                         "output is a number with the metric output:K")
-    if ex.answer_ids or not ex.answer:  # ids as given, or no answer at all (output:K scores none)
+    if ex.answer_ids or not ex.answer:  # ids as given, or no answer at all (output:K, kl and l2 score none)
         answers, wrong = list(ex.answer_ids or []), list(ex.wrong_ids or [])
     elif task.single_token_answers:
         answers = [model.single_token_id(a) for a in ex.answer]

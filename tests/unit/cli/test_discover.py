@@ -39,3 +39,22 @@ def test_discover_bad_inputs_are_one_line_errors(tmp_path, toy_dir, task_file):
         res = runner.invoke(app, [*base, *extra])
         assert res.exit_code == 2 and message in res.output, (extra, res.output)
     assert not (tmp_path / "d").exists()
+
+
+def test_discover_with_kl_needs_no_answers(tmp_path, toy_dir, task_file):
+    """kl compares with the full model: a task file without 'answer' works (issue 12 §2); the task's own
+    metric still asks for the answers, before the model loads."""
+    rows = [json.loads(line) for line in task_file.read_text().splitlines()]
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text("".join(json.dumps({"clean": r["clean"], "corrupt": r["corrupt"]}) + "\n" for r in rows))
+    out = tmp_path / "d"
+    res = runner.invoke(app, ["discover", "--method", "eap", "--metric", "kl", "--model", str(toy_dir),
+                              "--task", str(bare), "--top-n", "5", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    result = load_results(out)
+    assert result.summary["metric"] == "kl" and result.summary["circuit_edges"] == 5
+    assert result.summary["n_prompts"] == 2
+    res = runner.invoke(app, ["discover", "--method", "eap", "--model", str(toy_dir), "--task", str(bare),
+                              "--out", str(tmp_path / "e")])
+    assert res.exit_code == 2 and "answer" in res.output, res.output
+    assert not (tmp_path / "e").exists()

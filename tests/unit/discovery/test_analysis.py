@@ -75,3 +75,21 @@ def test_top_n_larger_than_the_graph_fails_before_scoring(tmp_path, toy, names_t
     with pytest.raises(DiscoveryError, match="larger than the graph, which has 110 edges"):
         run("discover/exact", model=toy, task=names_task, out=tmp_path / "x", top_n=111)
     assert not (tmp_path / "x").exists()
+
+
+def test_answerless_tasks_with_kl_and_l2_only(tmp_path, toy):
+    """A Task without answers runs with kl (the hook lifts require_answers), and the task metric refuses it
+    with a DiscoveryError naming the fix instead of scoring a padding id."""
+    from circuitlab.discovery.analysis import answers_optional
+    from circuitlab.discovery.scores import edge_scores
+    from circuitlab.tasks.source import TaskSource
+    from circuitlab.tasks.task import Example, Task
+
+    bare = Task("bare", [Example("a b c d", "a e c d", [])], require_answers=False)
+    done = run("discover/eap", model=toy, task=Task("bare", bare.examples), score_metric="l2", top_n=4)
+    assert done.result.summary["metric"] == "l2" and done.result.summary["circuit_edges"] == 4
+    with pytest.raises(DiscoveryError, match="without an answer.*score with kl or l2"):
+        edge_scores(toy, bare, method="eap")
+    source = TaskSource(name="ioi", n=2)
+    assert answers_optional(source, DiscoverParams(score_metric="kl")) is source  # built-ins have answers
+    assert answers_optional(source, DiscoverParams()) is source

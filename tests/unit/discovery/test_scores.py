@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from circuitlab.discovery.metrics import discovery_metric
-from circuitlab.discovery.scores import BatchInputs, EdgeScoring, edge_scores, node_scores
+from circuitlab.discovery.scores import BatchInputs, EdgeScoring, edge_scores, exact_sums, node_scores
 from circuitlab.errors import DiscoveryError
 from circuitlab.graph.masked import MaskedEdgeEngine
 
@@ -21,23 +21,24 @@ def some_edges(graph):
     return [graph.edge_id(e) for e in picks if e in graph.edge_index]
 
 
-def masked_metric(model, task, rows, ablation="corrupt", one_by_one=True):
-    """Mean task metric over the prompts for each coefficient row: plain engine runs, one row per forward
-    (the oracle for exact effects) or all rows in one forward."""
+def masked_metric(model, task, rows, ablation="corrupt", one_by_one=True, metric=None, positions="last"):
+    """Mean metric over the prompts for each coefficient row: plain engine runs (full forwards, every
+    position unembedded), one row per forward (the oracle for exact effects) or all rows in one forward."""
     prepared = task.prepare(model)
     engine = MaskedEdgeEngine(model)
-    scorer = discovery_metric(prepared)
+    scorer = discovery_metric(prepared, metric, positions)
     total = torch.zeros(rows.shape[0], dtype=torch.float64)
     with torch.no_grad():
         for batch in prepared.batches:
             inputs = BatchInputs.build(engine, batch, ablation, scorer)
             if one_by_one:
                 for i, row in enumerate(rows):
-                    total[i] += scorer(engine.run(batch.clean, row, inputs.ablated), batch).double().sum()
+                    logits = engine.run(batch.clean, row, inputs.ablated)
+                    total[i] += scorer(logits, batch, inputs.reference).double().sum()
             else:
                 logits = engine.run(batch.clean, rows, inputs.ablated)
-                repeated, _ = inputs.repeated(rows.shape[0])
-                values = scorer(logits.reshape(-1, *logits.shape[2:]), repeated).view(rows.shape[0], -1)
+                repeated, reference = inputs.repeated(rows.shape[0])
+                values = scorer(logits.reshape(-1, *logits.shape[2:]), repeated, reference).view(rows.shape[0], -1)
                 total += values.double().sum(1)
     return total / prepared.n_prompts
 
@@ -91,19 +92,61 @@ def test_chunks_do_not_change_scores(toy, names_task):
     assert (whole.scores - one).abs().max() > 1e3 * EPS * float(one.abs().max())  # interpolation matters
 
 
-def test_exact_effects_equal_single_edge_masked_runs(toy, names_task):
-    """exact batches many coefficient rows per forward; the oracle runs one row at a time. Same engine,
-    different batching: equal to float32 rounding of the metric (64 eps x max|m|)."""
-    exact = edge_scores(toy, names_task, method="exact", chunk=7)
+@pytest.mark.parametrize("metric, positions", [(None, "last"), ("kl", "last"), ("l2", "all")])
+def test_exact_effects_equal_single_edge_masked_runs(toy, names_task, metric, positions):
+    """exact batches many coefficient rows per forward, restarts each at its receivers' layer and (for
+    metrics of the answer position) unembeds that position only; the oracle runs one full forward per
+    row. Equal to float32 rounding: the logits of the two agree to 64 eps x max|logit| (masked-run
+    tolerance, tests/unit/graph/test_masked.py), which moves a logit difference, a log-prob or a KL by at
+    most twice that, an effect (a difference of two metrics) by 4x; plus 64 eps x max|m| for the sums
+    over prompts and vocabulary (l2)."""
+    exact = edge_scores(toy, names_task, method="exact", chunk=7, metric=metric, positions=positions)
     graph = exact.graph
     edges = some_edges(graph)
     rows = torch.ones(len(edges) + 1, graph.n_edges)
     rows[torch.arange(len(edges)), edges] = 0.0
-    m = masked_metric(toy, names_task, rows)
+    m = masked_metric(toy, names_task, rows, metric=metric, positions=positions)
     want = (m[:-1] - m[-1]).float()
-    assert (exact.scores[edges] - want).abs().max() <= 64 * EPS * float(m.abs().max())
-    assert abs(exact.full_metric - float(m[-1])) <= 64 * EPS * float(m.abs().max())
-    assert want.abs().max() > 1e3 * EPS * float(m.abs().max())
+    with torch.no_grad():
+        logit_scale = max(float(toy.bridge(b.clean).abs().max()) for b in names_task.prepare(toy).batches)
+    bound = 64 * EPS * float(m.abs().max()) + 4 * 64 * EPS * logit_scale
+    assert (exact.scores[edges] - want).abs().max() <= bound
+    assert abs(exact.full_metric - float(m[-1])) <= bound
+    assert want.abs().max() > 10 * bound
+
+
+def test_exact_restarts_at_the_receiver_layer(toy, names_task):
+    """Edges by receiver layer, latest first, `chunk` per forward, each forward restarted at its earliest
+    receiver's layer: block l runs once for the recorded clean run plus once per forward starting at or
+    before l; the numbers equal unrestarted full runs (the single-run oracle is
+    test_exact_effects_equal_single_edge_masked_runs)."""
+    prepared = names_task.prepare(toy)
+    engine = MaskedEdgeEngine(toy)
+    scorer = discovery_metric(prepared)
+    inputs = BatchInputs.build(engine, prepared.batches[0], "corrupt", scorer)
+    calls = [0] * len(toy.bridge.blocks)
+
+    def count(i):
+        def hook(module, args):
+            calls[i] += 1
+        return hook
+
+    handles = [block.register_forward_pre_hook(count(i)) for i, block in enumerate(toy.bridge.blocks)]
+    try:
+        sums, full = exact_sums(engine, inputs, scorer, chunk=7)
+    finally:
+        for handle in handles:
+            handle.remove()
+    ordered = sorted(engine.edge_layer.tolist(), reverse=True)
+    starts = [min(ordered[i:i + 7]) for i in range(0, len(ordered), 7)]  # each forward's restart layer
+    assert calls == [1 + sum(start <= layer for start in starts) for layer in range(len(calls))]  # +1: record
+    assert calls[0] < len(starts)  # most forwards skipped block 0
+    rows = torch.ones(engine.graph.n_edges, engine.graph.n_edges) - torch.eye(engine.graph.n_edges)
+    with torch.no_grad():
+        logits = engine.run(inputs.tokens, rows, inputs.ablated, max_batch=14)  # full runs, 7 rows each
+        repeated, _ = inputs.repeated(engine.graph.n_edges)
+        values = scorer(logits.reshape(-1, *logits.shape[2:]), repeated).view(engine.graph.n_edges, -1).sum(1)
+    assert (sums - (values - full)).abs().max() <= 64 * EPS * float(values.abs().max())
 
 
 def test_attention_only_model_and_every_ablation(toy_attn_only, names_task):

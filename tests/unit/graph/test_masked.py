@@ -1,4 +1,5 @@
-"""Masked-edge engine on toy models: identities, GQA ungrouping, gradients, an oracle for logits edges."""
+"""Masked-edge engine on toy models: identities, GQA ungrouping, gradients (at c = 1 too), an oracle for logits
+edges, and restarted runs against full ones on every toy architecture."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from circuitlab.graph.ablation import ablated_outputs
 from circuitlab.graph.attention import HeadwiseAttention
 from circuitlab.graph.masked import MaskedEdgeEngine
 from circuitlab.models.hooks import hook_name
-from circuitlab.models.toy import toy_model
+from circuitlab.models.toy import ARCHITECTURES, HF_KINDS, toy_model
 
 WORDS = "a b c d e f g h".split()
 EPS = torch.finfo(torch.float32).eps
@@ -161,3 +162,166 @@ def test_bad_coefficients_and_ablations(toy):
         engine.run(clean, torch.ones(engine.graph.n_edges + 1), ablated)
     with pytest.raises(GraphError, match="ablated sender outputs"):
         engine.run(clean, torch.ones(engine.graph.n_edges), ablated[:, :, :3])
+
+
+# --- gradients at c = 1 -----------------------------------------------------------------------------------
+def test_gradient_at_every_edge_kept(toy):
+    """At c = 1 the forward skips every (1 - c) term, the backward must not: dm/dc there is EAP's
+    (out_s - abl_s) . dm/d(input of r). Checked against one-sided second-order differences
+    (3 m(1) - 4 m(1-h) + m(1-2h)) / 2h, whose O(h^2) truncation error |d_h - d_2h| bounds (x 4/3, taken
+    x 2), plus the float32 rounding of m: 2 tol / h (tol: two orders of the same sum, see `tol`)."""
+    engine = MaskedEdgeEngine(toy)
+    graph = engine.graph
+    clean, corrupt = prompts(toy, seed=4)
+    ablated = ablated_outputs(engine, "corrupt", clean, corrupt=corrupt)
+    ones = torch.ones(graph.n_edges, requires_grad=True)
+    logits = engine.run(clean, ones, ablated)
+    (grad,) = torch.autograd.grad(logits[:, -1, 5].sum(), ones)
+    picks = [graph.edge_id(e) for e in ("input->a0.h1<q>", "input->a1.h0<k>", "a0.h2->a1.h3<v>", "a0.h0->m0",
+                                        "m0->m1", "a1.h1->logits", "input->logits")]
+    h = 0.05
+    rows = torch.ones(3 * len(picks), graph.n_edges)
+    for i, e in enumerate(picks):
+        rows[3 * i:3 * i + 3, e] = torch.tensor([1 - h, 1 - 2 * h, 1 - 4 * h])
+    with torch.no_grad():
+        base = float(logits[:, -1, 5].sum())
+        m = engine.run(clean, rows, ablated)[:, :, -1, 5].sum(-1).double().view(len(picks), 3)
+    d_h = (3 * base - 4 * m[:, 0] + m[:, 1]) / (2 * h)
+    d_2h = (3 * base - 4 * m[:, 1] + m[:, 2]) / (4 * h)
+    bound = 2 * (d_h - d_2h).abs() + 2 * tol(logits[:, -1, 5]) / h
+    assert ((grad[picks].double() - d_h).abs() <= bound).all(), (grad[picks], d_h, bound)
+    assert (d_h.abs() > 10 * bound).sum() >= 4  # the check has teeth
+    assert int((grad != 0).sum()) > graph.n_edges // 2  # no edge silently dropped at c = 1
+
+
+# --- restarted runs ---------------------------------------------------------------------------------------
+_ARCH_MODELS: dict[str, object] = {}
+
+
+@pytest.fixture(scope="module")
+def arch_models(tmp_path_factory):
+    from circuitlab import load_model
+    from circuitlab.models.toy import tiny_hf_dir
+
+    def get(name: str):
+        if name not in _ARCH_MODELS:
+            if name.startswith("hf_"):
+                path = tiny_hf_dir(name[3:], tmp_path_factory.mktemp(name) / "model", WORDS_12, seed=1)
+                _ARCH_MODELS[name] = load_model(path)
+            else:
+                _ARCH_MODELS[name] = toy_model(words=WORDS_12, n_layers=3, seed=2, **ARCHITECTURES[name])
+        return _ARCH_MODELS[name]
+    yield get
+    _ARCH_MODELS.clear()
+
+
+WORDS_12 = "a b c d e f g h i j k l".split()
+
+
+def late_rows(engine, gen):
+    """One random coefficient set per restart layer r = 1..L: edges into layers >= r in (0, 1), the rest 1."""
+    rows = []
+    for start in range(1, engine.graph.shape.n_layers + 1):
+        row = torch.rand(engine.graph.n_edges, generator=gen) * 0.9
+        row[engine.edge_layer < start] = 1.0
+        rows.append(row)
+    return torch.stack(rows)
+
+
+class BlockCalls:
+    """Counts calls of each block (a restarted run must not run the blocks before its layer)."""
+
+    def __init__(self, bridge):
+        self.counts = [0] * len(bridge.blocks)
+        self.handles = [block.register_forward_pre_hook(self._hook(i)) for i, block in enumerate(bridge.blocks)]
+
+    def _hook(self, i):
+        def hook(module, args):
+            self.counts[i] += 1
+        return hook
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("name", [*ARCHITECTURES, *(f"hf_{kind}" for kind in HF_KINDS)])
+def test_restarted_runs_equal_full_runs(name, arch_models):
+    """Restarted at each layer r (only edges into layers >= r differ from 1) vs the full masked run: the
+    same sums, the senders before r taken from the recorded clean run instead of this one, so equal up to
+    `tol` (measured <= 3 eps x max|logit| on every architecture here); with max_batch=3 (one row of two
+    prompts per forward) too. Blocks before r are not run."""
+    model = arch_models(name)
+    engine = MaskedEdgeEngine(model)
+    assert engine.restart_error is None
+    clean, corrupt = prompts(model, seed=5, n_pos=7)  # longer than the Gemma-shaped sliding window of 4
+    ablated = ablated_outputs(engine, "corrupt", clean, corrupt=corrupt)
+    rows = late_rows(engine, torch.Generator().manual_seed(6))
+    record = engine.record(clean)
+    with torch.no_grad():
+        full = engine.run(clean, rows, ablated)
+        plain = model.bridge(clean)
+        calls = BlockCalls(model.bridge)
+        try:
+            for i, row in enumerate(rows):
+                assert engine.restart_layer(row) == i + 1
+                before = list(calls.counts)
+                got = engine.run(clean, row, ablated, record=record)
+                ran = [after - b for after, b in zip(calls.counts, before, strict=True)]
+                assert ran == [0] * (i + 1) + [1] * (len(ran) - i - 1)
+                assert (got - full[i]).abs().max() < tol(full[i])
+                assert (full[i] - plain).abs().max() > 10 * tol(plain)  # the coefficients matter
+            chunked = engine.run(clean, rows, ablated, record=record, max_batch=3)
+        finally:
+            calls.close()
+    assert (chunked - full).abs().max() < tol(full)
+
+
+def test_restart_with_grad_chunks_and_errors(toy):
+    """Coefficients that require grad run in full (upstream edges need their gradient); max_batch only
+    changes the cost, with grad too; a record of other tokens, a bad max_batch and a disabled restart."""
+    engine = MaskedEdgeEngine(toy)
+    clean, corrupt = prompts(toy, seed=7)
+    ablated = ablated_outputs(engine, "corrupt", clean, corrupt=corrupt)
+    record = engine.record(clean)
+    rows = late_rows(engine, torch.Generator().manual_seed(8))
+    leaf = rows.clone().requires_grad_(True)
+    whole = engine.run(clean, leaf, ablated, record=record)
+    (grad,) = torch.autograd.grad(whole[..., -1, 5].sum(), leaf)
+    split = engine.run(clean, leaf, ablated, record=record, max_batch=2)
+    (grad_split,) = torch.autograd.grad(split[..., -1, 5].sum(), leaf)
+    assert (split - whole).abs().max() < tol(whole)
+    assert (grad_split - grad).abs().max() <= tol(grad)
+    assert bool((grad[:, engine.edge_layer == 0] != 0).any())  # edges upstream of the restart layer
+    with pytest.raises(GraphError, match="other tokens"):
+        engine.run(corrupt, rows, ablated, record=record)
+    with pytest.raises(GraphError, match="max_batch"):
+        engine.run(clean, rows, ablated, max_batch=0)
+    engine.restart_error = "disabled for the test"  # restarts off: full runs, same numbers
+    calls = BlockCalls(toy.bridge)
+    try:
+        with torch.no_grad():
+            fallback = engine.run(clean, rows[1], ablated, record=record)
+    finally:
+        calls.close()
+    assert calls.counts[0] == 1 and (fallback - whole[1]).abs().max() < tol(whole)
+
+
+def test_positions_are_the_gathered_logits(toy):
+    """positions= returns the full run's logits at those positions, restarted or not (the restarted run
+    unembeds only them: the same final norm and unembedding of the same rows)."""
+    engine = MaskedEdgeEngine(toy)
+    clean, corrupt = prompts(toy, seed=9)
+    ablated = ablated_outputs(engine, "corrupt", clean, corrupt=corrupt)
+    rows = late_rows(engine, torch.Generator().manual_seed(10))
+    positions = torch.tensor([[5, 2], [0, 5]])
+    with torch.no_grad():
+        full = engine.run(clean, rows, ablated)
+        want = full[:, torch.arange(2).unsqueeze(1), positions]  # [k, batch, 2, vocab]
+        plain = engine.run(clean, rows, ablated, positions=positions)
+        restarted = engine.run(clean, rows, ablated, positions=positions, record=engine.record(clean))
+    assert plain.shape == want.shape == restarted.shape
+    assert torch.equal(plain, want)
+    assert (restarted - want).abs().max() < tol(want)
+    with pytest.raises(GraphError, match="positions must be"):
+        engine.run(clean, rows, ablated, positions=torch.tensor([[6], [0]]))

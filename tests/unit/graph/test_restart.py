@@ -94,13 +94,13 @@ def test_a_replay_that_garbles_a_block_input_raises(monkeypatch):
     from circuitlab.graph import restart
 
     engine = MaskedEdgeEngine(toy_model(words=WORDS, **MODELS["mlp"]))
-    real = restart._replay_kwargs
+    real = restart.replay_kwargs
 
     def shifted(kwargs, batch, k):
         out = real(kwargs, batch, k)
         return {**out, "position_ids": out["position_ids"] * 2}
 
-    monkeypatch.setattr(restart, "_replay_kwargs", shifted)
+    monkeypatch.setattr(restart, "replay_kwargs", shifted)
     clean = torch.randint(3, engine.model.d_vocab, (2, 6))
     receivers = resolve_receivers(engine.graph, "a1.h*<q>")
     with pytest.raises(GraphError, match=r"replaying blocks 1\.\.2 of the clean run"):

@@ -182,3 +182,22 @@ def test_structural_keys_given_in_meta_move_to_their_fields():
     assert ex.subject == "a" and ex.extra == {"k": 1} and ex.meta == {"note": 2}
     with pytest.raises(TaskError, match="'subject' must be a string"):
         Example("a", "b", " c", subject=3)  # type: ignore[arg-type]
+
+
+def test_answers_optional_when_the_task_says_so(tmp_path, toy):
+    """A file without answers loads (and prepares) only with require_answers=False; by default the missing
+    field is named. `has_answers` tells the scorers which metrics the task can feed."""
+    path = tmp_path / "no_answers.jsonl"
+    rows = [{"clean": "When Mary and John went to the store", "corrupt": "When Tom and Anna went to the store"},
+            {"clean_ids": [3, 4, 5], "corrupt_ids": [3, 6, 5]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(TaskError, match=r"lacks field\(s\) \['answer'\]"):
+        load_task_file(path)
+    task = load_task_file(path, require_answers=False)
+    assert not task.require_answers and not task.has_answers and task.metric == "logprob"
+    prepared = task.prepare(toy)
+    assert prepared.n_prompts == 2 and all(bool((b.answers == -1).all()) for b in prepared.batches)
+    strict = Task("strict", task.examples)
+    with pytest.raises(TaskError, match="has no answer"):
+        strict.prepare(toy)
+    assert Task("ok", [Example("a", "b", ["c"])]).has_answers
