@@ -88,3 +88,13 @@ def test_error_classes_live_in_errors_py(path):
             bases = {ast.unparse(b) for b in node.bases}
             assert not any(b.endswith("Error") or b == "Exception" or b == "ValueError" for b in bases) or \
                 node.name.startswith("_"), f"{path.relative_to(SRC)} defines error class {node.name}; put it in errors.py"
+
+
+def test_package_data_globs_match_files():
+    """Every package-data glob in pyproject.toml names at least one file that exists (nothing stale)."""
+    import tomllib
+
+    config = tomllib.loads((SRC.parents[1] / "pyproject.toml").read_text())
+    globs = config["tool"]["setuptools"]["package-data"]["circuitlab"]
+    for pattern in globs:
+        assert list(SRC.glob(pattern)), f"package-data {pattern!r} matches no file under src/circuitlab"
