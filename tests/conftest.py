@@ -57,6 +57,29 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(importlib.import_module("circuitlab.runner.run"), "_load", refuse)
 
 
+@pytest.fixture(scope="session")
+def architecture_models(tmp_path_factory):
+    """Tiny models of every architecture the graph supports, built once per session: native toy models by
+    `circuitlab.models.toy.ARCHITECTURES` name, and random HF models ('hf_llama', 'hf_gpt2', 'hf_gemma3')
+    made from a `transformers` config and loaded through `load_model` (no download)."""
+    from circuitlab import load_model
+    from circuitlab.models.toy import ARCHITECTURES, tiny_hf_dir
+
+    built: dict[tuple, object] = {}
+
+    def get(name: str, *, words: list[str], n_layers: int = 2):
+        key = (name, tuple(words), n_layers)
+        if key not in built:
+            if name.startswith("hf_"):
+                path = tiny_hf_dir(name[3:], tmp_path_factory.mktemp(name) / "model", words, seed=1)
+                built[key] = load_model(path)
+            else:
+                built[key] = toy_model(words=words, n_layers=n_layers, seed=2, **ARCHITECTURES[name])
+        return built[key]
+
+    return get
+
+
 IOI_LIKE_ROWS = [
     {"clean": "When Mary and John went to the store , John gave a drink to",
      "corrupt": "When Tom and Anna went to the store , Paul gave a drink to", "answer": " Mary", "wrong": " John"},

@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuitlab import load_model
 from circuitlab.errors import GraphError
 from circuitlab.graph import masked as masked_module
 from circuitlab.graph.ablation import ablated_outputs
@@ -21,7 +20,7 @@ from circuitlab.graph.graph import Graph
 from circuitlab.graph.masked import MaskedEdgeEngine
 from circuitlab.graph.path_patching import path_patch, path_patch_classic
 from circuitlab.models.hooks import hook_name
-from circuitlab.models.toy import ARCHITECTURES, HF_KINDS, tiny_hf_dir, toy_model
+from circuitlab.models.toy import ARCHITECTURES, HF_KINDS, toy_model
 from circuitlab.tasks.task import Example, Task
 
 WORDS = "a b c d e f g h i j k l".split()
@@ -36,21 +35,9 @@ def tol(reference: torch.Tensor, factor: float = 64) -> float:
     return factor * EPS * float(reference.detach().abs().max())
 
 
-_MODELS: dict[str, object] = {}
-
-
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    def get(name: str):
-        if name not in _MODELS:
-            if name.startswith("hf_"):
-                path = tiny_hf_dir(name[3:], tmp_path_factory.mktemp(name) / "model", WORDS, seed=1)
-                _MODELS[name] = load_model(path)
-            else:
-                _MODELS[name] = toy_model(words=WORDS, n_layers=2, seed=2, **ARCHITECTURES[name])
-        return _MODELS[name]
-    yield get
-    _MODELS.clear()
+def models(architecture_models):
+    return lambda name: architecture_models(name, words=WORDS, n_layers=2)
 
 
 def prompts(model, n_pos=7):

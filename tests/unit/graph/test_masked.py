@@ -195,24 +195,9 @@ def test_gradient_at_every_edge_kept(toy):
 
 
 # --- restarted runs ---------------------------------------------------------------------------------------
-_ARCH_MODELS: dict[str, object] = {}
-
-
 @pytest.fixture(scope="module")
-def arch_models(tmp_path_factory):
-    from circuitlab import load_model
-    from circuitlab.models.toy import tiny_hf_dir
-
-    def get(name: str):
-        if name not in _ARCH_MODELS:
-            if name.startswith("hf_"):
-                path = tiny_hf_dir(name[3:], tmp_path_factory.mktemp(name) / "model", WORDS_12, seed=1)
-                _ARCH_MODELS[name] = load_model(path)
-            else:
-                _ARCH_MODELS[name] = toy_model(words=WORDS_12, n_layers=3, seed=2, **ARCHITECTURES[name])
-        return _ARCH_MODELS[name]
-    yield get
-    _ARCH_MODELS.clear()
+def arch_models(architecture_models):
+    return lambda name: architecture_models(name, words=WORDS_12, n_layers=3)
 
 
 WORDS_12 = "a b c d e f g h i j k l".split()
