@@ -86,7 +86,7 @@ class CleanRun:
     """One plain forward of `tokens`, recorded for restarted masked runs (`MaskedEdgeEngine.record`).
 
     outputs: every sender's output [sender, batch, pos, d_model] (graph order); calls: each block's
-    (args, kwargs) from layer 1 on (residual first, then the attention mask, rotary tables, position ids
+    (args, kwargs) from layer 0 on (residual first, then the attention mask, rotary tables, position ids
     the bridge passed); final: the logits receiver's input (final norm's input, else the unembedding's).
     """
 
@@ -173,7 +173,7 @@ class MaskedEdgeEngine:
 
         head = bridge.ln_final if self.final_hook == hook_name("final_norm_in") else bridge.unembed
         handles = [bridge.blocks[layer].register_forward_pre_hook(capture(layer), with_kwargs=True)
-                   for layer in range(1, self.graph.shape.n_layers)]
+                   for layer in range(self.graph.shape.n_layers)]
         handles.append(head.register_forward_pre_hook(capture_final))
         try:
             outputs = self.sender_outputs(tokens)

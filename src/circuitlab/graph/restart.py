@@ -23,8 +23,7 @@ run with no edge cut and requires the recorded final residual back before any nu
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
@@ -41,7 +40,7 @@ from circuitlab.graph.direct_paths import (
     final_logits,
     gather_positions,
 )
-from circuitlab.graph.masked import FwdHooks, MaskedEdgeEngine, mlp_input_hook
+from circuitlab.graph.masked import CleanRun, FwdHooks, MaskedEdgeEngine, mlp_input_hook
 from circuitlab.graph.naming import parse_node
 from circuitlab.graph.path_patching import Advance
 from circuitlab.graph.replay import replay_kwargs
@@ -59,44 +58,6 @@ def restart_layer(engine: MaskedEdgeEngine, receivers: list[str]) -> int:
     return min((layer for layer in layers if layer is not None), default=engine.graph.shape.n_layers)
 
 
-@dataclass
-class CleanRecord:
-    """What the restarted blocks need from one plain run: every sender's output [sender, batch, pos, d]
-    (graph order), each block's call (args, kwargs) from layer r on, and the final norm's input."""
-
-    outputs: Float[torch.Tensor, "sender batch pos d_model"]
-    calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]]
-    final: Resid
-
-
-@torch.no_grad()
-def record_clean(engine: MaskedEdgeEngine, tokens: Tokens, start: int) -> CleanRecord:
-    """One plain forward: the senders' outputs (engine.sender_outputs) plus, by torch pre-hooks, the
-    inputs of blocks start..L-1 and of the final norm (or the unembedding when there is none)."""
-    bridge = engine.bridge
-    calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-    final: list[torch.Tensor] = []
-
-    def capture(layer: int) -> Callable[..., None]:
-        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            calls[layer] = (args, dict(kwargs))
-        return hook
-
-    def capture_final(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        final.append(args[0].detach())
-
-    head = bridge.ln_final if engine.final_hook == hook_name("final_norm_in") else bridge.unembed
-    handles = [bridge.blocks[layer].register_forward_pre_hook(capture(layer), with_kwargs=True)
-               for layer in range(start, engine.graph.shape.n_layers)]
-    handles.append(head.register_forward_pre_hook(capture_final))
-    try:
-        outputs = engine.sender_outputs(tokens)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return CleanRecord(outputs, calls, final[-1])
-
-
 # The replay calls the same blocks on the same inputs as the recorded forward, only outside it: the rows
 # may differ by kernel choice, not by algorithm. Measured 0 on the toy models and SmolLM2; 64 eps of the
 # largest residual entry at the position leaves room for a backend that reorders, while a dropped block
@@ -105,7 +66,7 @@ REPLAY_EPS_FACTOR = 64
 
 
 @torch.no_grad()
-def check_replay(engine: MaskedEdgeEngine, record: CleanRecord, start: int, positions: Positions) -> None:
+def check_replay(engine: MaskedEdgeEngine, record: CleanRun, start: int, positions: Positions) -> None:
     """Replay blocks start..L-1 of the clean run with no edge cut: the final residual at `positions` must
     be the recorded one (float32 rounding), else GraphError: the bridge's blocks need an input the
     recording does not capture, and the restart cannot be trusted on this model."""
@@ -135,7 +96,7 @@ class _Variants:
     """k stacked variants, variant i patching the edges sender[i] -> receivers: the masks of which
     receiver inputs each variant changes, and each variant's (this run's out - corrupt out)."""
 
-    def __init__(self, engine: MaskedEdgeEngine, senders: list[str], receivers: list[str], record: CleanRecord,
+    def __init__(self, engine: MaskedEdgeEngine, senders: list[str], receivers: list[str], record: CleanRun,
                  ablated: Float[torch.Tensor, "sender batch pos d_model"], start: int):
         graph = engine.graph
         self.engine, self.graph, self.k, self.batch = engine, graph, len(senders), record.outputs.shape[1]
@@ -187,8 +148,8 @@ def restart_sweep(engine: MaskedEdgeEngine, receivers: list[str], clean: Tokens,
     engine.model.check_tokens(clean)
     graph = engine.graph
     start = restart_layer(engine, receivers)
-    record = record_clean(engine, clean, start)
-    bad = record_clean(engine, corrupt, graph.shape.n_layers)
+    record = engine.record(clean)
+    bad = engine.record(corrupt)
     check_replay(engine, record, start, positions)  # the engine's self-check covers the rest (module docstring)
     clean_metric = float(readout(final_logits(engine.model, gather_positions(record.final, positions), columns)).mean())
     corrupt_metric = float(readout(final_logits(engine.model, gather_positions(bad.final, positions), columns)).mean())
@@ -207,7 +168,7 @@ def restart_sweep(engine: MaskedEdgeEngine, receivers: list[str], clean: Tokens,
     return SenderSweep(list(receivers), values, clean_metric, corrupt_metric, other)
 
 
-def _run_from(engine: MaskedEdgeEngine, variants: _Variants, record: CleanRecord, start: int, positions: Positions,
+def _run_from(engine: MaskedEdgeEngine, variants: _Variants, record: CleanRun, start: int, positions: Positions,
               columns: Int[torch.Tensor, " n_columns"] | None) -> Float[torch.Tensor, "rows n_read vocab"]:
     """Blocks start..L-1 on k stacked copies of the clean residual entering block `start`, with the
     variants' receiver inputs patched; logits at `positions` only."""
