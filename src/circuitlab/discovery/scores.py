@@ -250,8 +250,9 @@ def _grad_coefficients(engine: MaskedEdgeEngine) -> torch.Tensor:
 def eap_sums(engine: MaskedEdgeEngine, inputs: BatchInputs, scorer: DiscoveryMetric) -> tuple[EdgeVector, float]:
     """EAP scores summed over the group's prompts, and the summed full-model metric."""
     coefficients = _grad_coefficients(engine)
+    inputs, positions = at_read_positions(scorer, inputs)  # unembed only the positions the metric reads
     with torch.enable_grad():
-        logits = engine.run(inputs.tokens, coefficients, inputs.ablated)
+        logits = engine.run(inputs.tokens, coefficients, inputs.ablated, positions=positions)
         values = scorer(logits, inputs.batch, inputs.reference)
         (grad,) = torch.autograd.grad(values.sum(), coefficients)
     return -grad.detach(), float(values.detach().sum())
@@ -266,6 +267,7 @@ def eap_ig_sums(engine: MaskedEdgeEngine, inputs: BatchInputs, scorer: Discovery
     as ablated outputs, so that the coefficient gradient is  (clean_s - abl_s) . dm/d(input of r) at alpha,
     EAP-IG's product, with every edge at once.
     """
+    inputs, positions = at_read_positions(scorer, inputs)  # unembed only the positions the metric reads
     batch, tokens = inputs.batch, inputs.tokens
     size = batch.size
     clean_out = engine.sender_outputs(tokens)
@@ -292,7 +294,8 @@ def eap_ig_sums(engine: MaskedEdgeEngine, inputs: BatchInputs, scorer: Discovery
             ablated = at_alpha - difference.repeat(1, k, 1, 1)
             coefficients = _grad_coefficients(engine)
             with torch.enable_grad():
-                logits = engine.run(repeated_tokens, coefficients, ablated)
+                logits = engine.run(repeated_tokens, coefficients, ablated,
+                                    positions=None if positions is None else positions.repeat(k, 1))
                 values = scorer(logits, repeated_batch, reference)
                 (grad,) = torch.autograd.grad(values.sum(), coefficients)
         total -= grad.detach()

@@ -241,10 +241,10 @@ class MaskedEdgeEngine:
         with torch.set_grad_enabled(grad):
             state = _RunState(self, coeff, ablated, k, batch, start=start, record=record)
             if start == 0:
-                logits = self.bridge.run_with_hooks(tokens.repeat(k, 1), fwd_hooks=state.hooks(),
-                                                    return_type="logits")
-                if rows is not None:
-                    logits = _gather(logits, rows)
+                hooks = state.hooks()
+                if rows is not None:  # after the logits receiver's own hook: unembed only the read positions
+                    hooks.append((self.final_hook, _gather_hook(rows)))
+                logits = self.bridge.run_with_hooks(tokens.repeat(k, 1), fwd_hooks=hooks, return_type="logits")
             else:
                 assert record is not None
                 logits = self._run_from(state, record, start, rows)
@@ -454,6 +454,14 @@ class _RunState:
 
 def _gather(x: Float[torch.Tensor, "rows pos *rest"], positions: Int[torch.Tensor, "rows n_read"]) -> torch.Tensor:
     return x[torch.arange(x.shape[0]).unsqueeze(1), positions]
+
+
+def _gather_hook(positions: Int[torch.Tensor, "rows n_read"]) -> HookFn:
+    """A hook on the logits receiver's input keeping only `positions` (the final norm and the unembedding
+    act per position, so the logits of the read positions are unchanged and the rest are never computed)."""
+    def hook(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        return _gather(x, positions)
+    return hook
 
 
 def _weighted(weights: Float[torch.Tensor, "k n r"], diffs: Float[torch.Tensor, "k_or_1 n x"]) -> torch.Tensor:
