@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import argparse
 import resource
-import statistics
 import time
-from collections.abc import Callable
 
 import torch
+from paired import paired_ratio  # benchmarks/paired.py (scripts run from this folder)
 
 from circuitlab import load_model
 from circuitlab.discovery import edge_scores
@@ -34,23 +33,6 @@ from circuitlab.discovery.scores import BatchInputs, exact_sums
 from circuitlab.graph.masked import MaskedEdgeEngine
 from circuitlab.models.hooks import hook_name
 from circuitlab.tasks.source import TaskSource
-
-
-def paired(baseline: Callable[[], object], method: Callable[[], object], repeats: int) -> tuple[float, float, float]:
-    """(min baseline s, min method s, median paired ratio), after one warm-up of each."""
-    baseline()
-    method()
-    base, meth, ratios = [], [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        baseline()
-        middle = time.perf_counter()
-        method()
-        end = time.perf_counter()
-        base.append(middle - start)
-        meth.append(end - middle)
-        ratios.append((end - middle) / (middle - start))
-    return min(base), min(meth), statistics.median(ratios)
 
 
 def peak_mib() -> float:
@@ -84,11 +66,11 @@ def main() -> None:
             logits = model.bridge.run_with_hooks(batch.clean, fwd_hooks=[(hook_name("resid_pre", 0), leaf)])
             torch.autograd.grad(prepared.metric(logits, batch).sum(), store["x"])
 
-    base_s, eap_s, ratio = paired(forward_backward, lambda: edge_scores(model, prepared, method="eap", graph=graph),
+    base_s, eap_s, ratio = paired_ratio(forward_backward, lambda: edge_scores(model, prepared, method="eap", graph=graph),
                                   args.repeats)
     print(f"EAP: forward+backward {base_s:.3f} s, EAP {eap_s:.3f} s; median paired ratio {ratio:.2f}x "
           f"(target <= 3x); peak RSS {peak_mib():.0f} MiB")
-    _, ig_s, ig_ratio = paired(forward_backward, lambda: edge_scores(model, prepared, method="eap-ig",
+    _, ig_s, ig_ratio = paired_ratio(forward_backward, lambda: edge_scores(model, prepared, method="eap-ig",
                                                                      steps=args.steps, graph=graph), args.repeats)
     target = 3 * (args.steps + 1) / 2
     print(f"EAP-IG m={args.steps}: {ig_s:.3f} s; median paired ratio {ig_ratio:.2f}x (target <= {target:.1f}x), "

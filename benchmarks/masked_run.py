@@ -14,33 +14,14 @@ restarted run against a plain forward. The max |difference| of the logits is pri
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from paired import paired_ratio  # benchmarks/paired.py (scripts run from this folder)
 
 from circuitlab import load_model
 from circuitlab.graph.ablation import ablated_outputs
 from circuitlab.graph.masked import MaskedEdgeEngine
 from circuitlab.graph.path_patching import path_coefficients, resolve_receivers
-
-
-def paired_ratio(plain, masked, repeats: int) -> tuple[float, float, float]:
-    """Alternate plain and masked runs so both see the same CPU load (the machine may be shared);
-    returns (min plain s, min masked s, median of the per-pair ratios)."""
-    plain()
-    masked()  # warm-up
-    times_p, times_m, ratios = [], [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        plain()
-        middle = time.perf_counter()
-        masked()
-        end = time.perf_counter()
-        times_p.append(middle - start)
-        times_m.append(end - middle)
-        ratios.append((end - middle) / (middle - start))
-    return min(times_p), min(times_m), statistics.median(ratios)
 
 
 def main() -> None:
