@@ -80,6 +80,18 @@ def architecture_models(tmp_path_factory):
     return get
 
 
+def masked_identity_logits(engine, clean, corrupt):
+    """(all edges kept, all edges ablated, clean forward, corrupt forward) logits under corrupt ablation: the
+    two identities every masked-edge engine must meet (kept = clean, ablated = corrupt)."""
+    from circuitlab.graph.ablation import ablated_outputs
+
+    ablated = ablated_outputs(engine, "corrupt", clean, corrupt=corrupt)
+    n = engine.graph.n_edges
+    with torch.no_grad():
+        both = engine.run(clean, torch.stack([torch.ones(n), torch.zeros(n)]), ablated)
+        return both[0], both[1], engine.model.bridge(clean), engine.model.bridge(corrupt)
+
+
 IOI_LIKE_ROWS = [
     {"clean": "When Mary and John went to the store , John gave a drink to",
      "corrupt": "When Tom and Anna went to the store , Paul gave a drink to", "answer": " Mary", "wrong": " John"},

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import masked_identity_logits
 
 from circuitlab.errors import GraphError
-from circuitlab.graph.ablation import ablated_outputs
 from circuitlab.graph.analysis import PathPatchParams, path_patch_task
 from circuitlab.graph.circuit import Circuit
 from circuitlab.graph.graph import Graph
@@ -43,13 +43,9 @@ def test_edge_count(smollm):
 
 def test_identities(setup):
     model, engine, clean, corrupt = setup
-    ablated = ablated_outputs(engine, "corrupt", clean, corrupt=corrupt)
-    n = engine.graph.n_edges
-    with torch.no_grad():
-        both = engine.run(clean, torch.stack([torch.ones(n), torch.zeros(n)]), ablated)
-        want_clean, want_corrupt = model.bridge(clean), model.bridge(corrupt)
-    assert (both[0] - want_clean).abs().max() < tol(want_clean)
-    assert (both[1] - want_corrupt).abs().max() < tol(want_corrupt)
+    kept, ablated, want_clean, want_corrupt = masked_identity_logits(engine, clean, corrupt)
+    assert (kept - want_clean).abs().max() < tol(want_clean)
+    assert (ablated - want_corrupt).abs().max() < tol(want_corrupt)
 
 
 def test_masked_and_classic_path_patching_agree(setup):

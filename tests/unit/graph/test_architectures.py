@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import masked_identity_logits
 
 from circuitlab.errors import GraphError
 from circuitlab.graph import masked as masked_module
@@ -56,13 +57,9 @@ def test_self_check_identities(models, name):
     model = models(name)
     engine = MaskedEdgeEngine(model)
     clean, corrupt = prompts(model)
-    ablated = ablated_outputs(engine, "corrupt", clean, corrupt=corrupt)
-    n = engine.graph.n_edges
-    with torch.no_grad():
-        both = engine.run(clean, torch.stack([torch.ones(n), torch.zeros(n)]), ablated)
-        want_clean, want_corrupt = model.bridge(clean), model.bridge(corrupt)
-    assert (both[0] - want_clean).abs().max() < tol(want_clean)
-    assert (both[1] - want_corrupt).abs().max() < tol(want_corrupt)
+    kept, ablated, want_clean, want_corrupt = masked_identity_logits(engine, clean, corrupt)
+    assert (kept - want_clean).abs().max() < tol(want_clean)
+    assert (ablated - want_corrupt).abs().max() < tol(want_corrupt)
     assert (want_clean - want_corrupt).abs().max() > 10 * tol(want_clean)
     expected = "bidirectional" if "bidirectional" in name else "causal"
     masks = ("sliding window 4", "causal") if name == "hf_gemma3" else (expected, expected)
