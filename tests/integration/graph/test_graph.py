@@ -42,7 +42,7 @@ def test_edge_count(smollm):
 
 
 def test_identities(setup):
-    model, engine, clean, corrupt = setup
+    _, engine, clean, corrupt = setup
     kept, ablated, want_clean, want_corrupt = masked_identity_logits(engine, clean, corrupt)
     assert (kept - want_clean).abs().max() < tol(want_clean)
     assert (ablated - want_corrupt).abs().max() < tol(want_corrupt)
