@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Bool, Float
 
 from circuitlab.discovery.metrics import discovery_metric
-from circuitlab.discovery.scores import BatchInputs, EdgeScoring, check_ablation
+from circuitlab.discovery.scores import BatchInputs, EdgeScoring, check_ablation, logit_rows_per_forward
 from circuitlab.discovery.selection import check_target, greedy_mask, nested_masks
 from circuitlab.errors import DiscoveryError
 from circuitlab.graph.circuit import Circuit
@@ -76,7 +76,7 @@ class CircuitEvaluator:
         total = torch.zeros(masks.shape[0])
         with torch.no_grad():
             for inputs in self.inputs:
-                per_forward = self.rows_per_forward or _rows(self.engine, inputs)
+                per_forward = self.rows_per_forward or logit_rows_per_forward(self.engine, inputs.tokens)
                 for first in range(0, masks.shape[0], per_forward):
                     rows = masks[first:first + per_forward].float()
                     k = rows.shape[0]
@@ -89,11 +89,6 @@ class CircuitEvaluator:
 
     def faithfulness(self, masks: Masks) -> Float[torch.Tensor, " k"]:
         return (self.metric(masks) - self.empty) / (self.full - self.empty)
-
-
-def _rows(engine: MaskedEdgeEngine, inputs: BatchInputs, budget_bytes: float = 2**28) -> int:
-    per_row = inputs.tokens.numel() * engine.model.d_vocab * 4
-    return max(1, int(budget_bytes // max(per_row, 1)))
 
 
 def sizes_for(n_edges: int, fractions: tuple[float, ...] = MIB_FRACTIONS) -> list[int]:

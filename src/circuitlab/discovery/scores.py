@@ -274,7 +274,7 @@ def eap_ig_sums(engine: MaskedEdgeEngine, inputs: BatchInputs, scorer: Discovery
     difference = clean_out - inputs.ablated  # [S, B, P, d]: clean_s - abl_s
     start = inputs.ablated[0].expand_as(clean_out[0])  # the ablated input embeddings
     alphas = torch.arange(1, steps + 1, dtype=clean_out.dtype) / steps
-    per_forward = chunk or _rows_per_forward(engine, tokens)
+    per_forward = chunk or logit_rows_per_forward(engine, tokens)
     total = torch.zeros(engine.graph.n_edges)
     full = math.nan
     resid0 = hook_name("resid_pre", 0)
@@ -318,7 +318,7 @@ def exact_sums(engine: MaskedEdgeEngine, inputs: BatchInputs, scorer: DiscoveryM
     differences of like computations."""
     graph = engine.graph
     chosen = torch.arange(graph.n_edges) if edges is None else edges
-    per_forward = chunk or _rows_per_forward(engine, inputs.tokens)
+    per_forward = chunk or logit_rows_per_forward(engine, inputs.tokens)
     sums = torch.full((graph.n_edges,), math.nan)
     inputs, positions = at_read_positions(scorer, inputs)
     with torch.no_grad():
@@ -376,7 +376,7 @@ def gradient_rows(engine: MaskedEdgeEngine, n_pos: int, budget_bytes: float = 2*
     return max(1, int(budget_bytes // per_row))
 
 
-def _rows_per_forward(engine: MaskedEdgeEngine, tokens: Int[torch.Tensor, "batch pos"],
+def logit_rows_per_forward(engine: MaskedEdgeEngine, tokens: Int[torch.Tensor, "batch pos"],
                       budget_bytes: float = 2**28) -> int:
     """Coefficient rows (or interpolation points) per forward: logits of about `budget_bytes` float32."""
     per_row = tokens.numel() * engine.model.d_vocab * 4

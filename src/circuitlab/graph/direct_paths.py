@@ -40,7 +40,7 @@ from circuitlab.errors import GraphError
 from circuitlab.graph.ablation import ablated_outputs
 from circuitlab.graph.attention import HeadwiseAttention
 from circuitlab.graph.graph import Graph
-from circuitlab.graph.masked import FwdHooks, MaskedEdgeEngine, final_input_hook
+from circuitlab.graph.masked import FwdHooks, MaskedEdgeEngine, final_input_hook, gather_positions
 from circuitlab.graph.naming import parse_node
 from circuitlab.graph.path_patching import Advance, MetricFn, PathPatchSweep, path_coefficients
 from circuitlab.models.hooks import hook_name
@@ -113,11 +113,6 @@ class DirectRecord:
     outputs: Float[torch.Tensor, "sender batch n_read d_model"]
     final: Float[torch.Tensor, "batch n_read d_model"]
     constant: Float[torch.Tensor, " d_model"]
-
-
-def gather_positions(x: Float[torch.Tensor, "batch pos *rest"], positions: Positions) -> torch.Tensor:
-    rows = torch.arange(x.shape[0]).unsqueeze(1)
-    return x[rows, positions]
 
 
 HeadOutputs = Callable[[Float[torch.Tensor, "batch n_read head d_head"]], Float[torch.Tensor, "head batch n_read d_model"]]

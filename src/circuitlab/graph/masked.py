@@ -265,7 +265,7 @@ class MaskedEdgeEngine:
                 x = out[0] if isinstance(out, tuple) else out
         delta = state._delta(slice(self.graph.n_receivers - 1, self.graph.n_receivers))
         x = x if delta is None else x - delta[0]
-        return self.final_logits(x if rows is None else _gather(x, rows))
+        return self.final_logits(x if rows is None else gather_positions(x, rows))
 
     def final_logits(self, resid: Float[torch.Tensor, "rows pos d_model"]) -> Float[torch.Tensor, "rows pos vocab"]:
         """The bridge's final norm (recomputed on `resid`, the logits receiver's input) and unembedding,
@@ -452,7 +452,9 @@ class _RunState:
         return hook
 
 
-def _gather(x: Float[torch.Tensor, "rows pos *rest"], positions: Int[torch.Tensor, "rows n_read"]) -> torch.Tensor:
+def gather_positions(x: Float[torch.Tensor, "rows pos *rest"],
+                     positions: Int[torch.Tensor, "rows n_read"]) -> torch.Tensor:
+    """x at `positions`, row by row ([rows, n_read, *rest])."""
     return x[torch.arange(x.shape[0]).unsqueeze(1), positions]
 
 
@@ -460,7 +462,7 @@ def _gather_hook(positions: Int[torch.Tensor, "rows n_read"]) -> HookFn:
     """A hook on the logits receiver's input keeping only `positions` (the final norm and the unembedding
     act per position, so the logits of the read positions are unchanged and the rest are never computed)."""
     def hook(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-        return _gather(x, positions)
+        return gather_positions(x, positions)
     return hook
 
 
