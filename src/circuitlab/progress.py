@@ -13,11 +13,9 @@ is shown::
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
 
-T = TypeVar("T")
 _quiet = False
 
 
@@ -57,14 +55,6 @@ def progress_bar(total: float, description: str) -> Iterator[Callable[[float], N
     with Progress(*columns, console=stderr_console(), transient=True) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
-
-
-def track(items: Iterable[T], total: int, description: str) -> Iterator[T]:
-    """Iterate `items` under a progress bar."""
-    with progress_bar(total, description) as advance:
-        for item in items:
-            yield item
-            advance(1)
 
 
 @contextmanager

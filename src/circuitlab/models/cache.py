@@ -39,7 +39,7 @@ from typing import Any
 
 import platformdirs
 
-from circuitlab.atomic import current_umask
+from circuitlab.atomic import current_umask, write_text_atomically
 from circuitlab.errors import CacheError
 from circuitlab.models.checkpoint import safetensors_problem
 
@@ -155,11 +155,7 @@ def adopt(entry: Path) -> None:
 
 
 def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{MARKER}.", dir=directory)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(manifest, fh, indent=2)
-    os.chmod(tmp, 0o666 & ~current_umask())
-    os.replace(tmp, directory / MARKER)
+    write_text_atomically(directory / MARKER, json.dumps(manifest, indent=2))
 
 
 # --- writing -----------------------------------------------------------------------------------------
@@ -284,10 +280,6 @@ class CacheEntry:
     spec: str
     source: str
     status: str  # "verified", "legacy (no hashes recorded)", or "damaged: <reason>"
-
-    @property
-    def ok(self) -> bool:
-        return not self.status.startswith("damaged")
 
 
 def list_entries(*, hashes: bool = True) -> list[CacheEntry]:

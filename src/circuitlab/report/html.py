@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import quote
 
 from circuitlab.atomic import write_text_atomically
-from circuitlab.report.terminal import flatten_summary, strongest_first
+from circuitlab.report.terminal import flatten_summary, is_number, strongest_first
 from circuitlab.results import Result
 
 MAX_ROWS = 200  # record rows shown in a report; all of them are in results.csv
@@ -63,10 +63,6 @@ code{background:#f3f4f6;padding:1px 4px;border-radius:3px}
 
 
 # --- cells and tables ----------------------------------------------------------------------------------
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _text(value: object) -> str:
     """A value as plain (unescaped) text: floats at 4 significant digits, containers as JSON."""
     if value is None:
@@ -79,7 +75,7 @@ def _text(value: object) -> str:
 
 
 def _td(value: object) -> str:
-    cls = "num" if _is_number(value) else "text"
+    cls = "num" if is_number(value) else "text"
     return f"<td class={cls}>{html.escape(_text(value))}</td>"
 
 
@@ -130,7 +126,7 @@ def headline(summary: dict[str, Any], limit: int = MAX_HEADLINE) -> list[tuple[s
     keys = [k for k in HEADLINE_KEYS if k in summary]
     keys += [k for k in summary if k.endswith("_peak") and k not in keys]
     if not keys:
-        keys = [k for k, v in summary.items() if _is_number(v) and not k.startswith("n_")]
+        keys = [k for k, v in summary.items() if is_number(v) and not k.startswith("n_")]
     out = []
     for key in keys[:limit]:
         value = summary[key]

@@ -63,7 +63,7 @@ def summary_table(summary: dict[str, Any], title: str) -> Table:
 
 
 # --- records --------------------------------------------------------------------------------------------
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -81,7 +81,7 @@ def strongest_first(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     Sweeps write their records in layer order, where the first rows are mostly near zero; the rows a
     reader wants are the strongest effects. The sort is stable: equal |value| keeps the sweep order.
     """
-    if not records or not all(_is_number(r.get("value")) for r in records):
+    if not records or not all(is_number(r.get("value")) for r in records):
         return records
     return sorted(records, key=lambda r: (math.isnan(r["value"]), 0.0 if math.isnan(r["value"]) else -abs(r["value"])))
 
@@ -89,7 +89,7 @@ def strongest_first(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _widths(rows: list[dict[str, Any]], column: str) -> tuple[int, int, bool]:
     """(full, minimum, numeric) width of a column: numbers never shrink, text down to MIN_TEXT."""
     values = [r.get(column) for r in rows]
-    numeric = all(v is None or _is_number(v) or isinstance(v, bool) for v in values)
+    numeric = all(v is None or is_number(v) or isinstance(v, bool) for v in values)
     cells = max((len(_cell(v)) for v in values), default=0)
     if numeric:
         full = max(cells, len(column))
