@@ -59,8 +59,7 @@ def _task_source(entry: Analysis[Any], params: object, task: str | Task | TaskSo
         source = TaskSource(name=str(task), n=n, seed=seed, metric=metric, options=dict(task_options or {}))
     if entry.task_source is not None:
         source = entry.task_source(source, params)
-    source.validate()
-    return source
+    return source.validate()
 
 
 def run(analysis: str, *, model: str | Model = DEFAULT_SPEC, task: str | Task | TaskSource | None = None,

@@ -7,7 +7,7 @@ first *describes* its task (name or file, n, seed, metric, generator options), v
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,26 +32,28 @@ class TaskSource:
     options: dict[str, Any] = field(default_factory=dict)
     task: Task | None = None
 
-    def validate(self) -> None:
-        """Every check that needs no model: raises `TaskError` / `MetricError` naming the fix."""
+    def validate(self) -> TaskSource:
+        """Every check that needs no model: raises `TaskError` / `MetricError` naming the fix. Returns the
+        source to build from: a task file comes back parsed (`task` set), so it is read once per run."""
         if self.n is not None:
             check_n(self.n)
         if self.metric is not None:
             get_metric(self.metric)
         if self.task is not None:
-            return
+            return self
         if self.name is None:
             raise TaskError("no task given; pass a built-in task name or a .jsonl/.csv file")
         builtins = builtin_tasks()
         if self.name in builtins:
-            return
+            return self
         path = Path(self.name)
         if path.suffix not in TASK_FILE_SUFFIXES:
             raise TaskError(f"unknown task {self.name!r}: use a built-in ({', '.join(builtins)}) or a path to a "
                             ".jsonl/.csv file")
         from circuitlab.tasks.files import load_task_file
 
-        load_task_file(path, metric=self.metric)  # parses and validates every row now, before the model loads
+        # every row parsed and checked now, before the model loads; build() then uses this Task
+        return replace(self, task=load_task_file(path, metric=self.metric))
 
     def build(self, model: Model) -> Task:
         if self.task is not None:
