@@ -54,6 +54,12 @@ class Analysis(Generic[P]):
     task: TaskUse = "required"
     task_source: Callable[[TaskSource, P], TaskSource] | None = None
 
+    def option_names(self) -> set[str]:
+        """The names `make_params` accepts."""
+        if not is_dataclass(self.params):
+            raise TypeError(f"{self.name}: params must be a dataclass")
+        return {f.name for f in fields(self.params)}
+
     def make_params(self, options: dict[str, Any]) -> P:
         """The options dataclass from keyword options; unknown names are an `AnalysisError`."""
         if not is_dataclass(self.params):

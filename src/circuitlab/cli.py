@@ -318,33 +318,65 @@ def patch(
             by=by, direction=direction, max_batch=max_batch, per_prompt=per_prompt)
 
 
+DISCOVERY_METHODS = ("eap", "eap-ig", "exact", "acdc", "prune", "grad", "heads", "grow")
+# CLI spelling of each option discover passes on; only options given on the command line are passed, so each
+# method keeps its own defaults and an option a method does not take is a clear error (AnalysisError).
+_DISCOVER_FLAGS = {"score_metric": "--metric", "positions": "--positions", "ablation": "--ablation",
+                   "top_n": "--top-n", "threshold": "--threshold", "target_faithfulness": "--target-faithfulness",
+                   "greedy": "--greedy", "steps": "--steps", "tau": "--tau", "target_edges": "--target-edges",
+                   "seed_nodes": "--seed-nodes", "max_edges": "--max-edges"}
+
+
 @app.command(epilog="Examples: circuitlab discover --method eap --task ioi --n 8 --top-n 200 --out out/discover\n\n"
-             "circuitlab discover --method eap-ig --steps 5 --metric kl --target-faithfulness 0.8")
+             "circuitlab discover --method eap-ig --steps 5 --metric kl --target-faithfulness 0.8\n\n"
+             "circuitlab discover --method acdc --tau 0.02 --metric kl --task induction --n 8")
 def discover(
     method: Annotated[str, typer.Option("--method", help="eap (first order), eap-ig (integrated gradients on the "
-                                        "input embeddings) or exact (one masked run per edge; small models)")] = "eap-ig",
+                                        "input embeddings), exact (one masked run per edge; small models), acdc "
+                                        "(greedy edge removal), prune (learned edge masks), grad (parameter-"
+                                        "gradient importance), heads (per-head patching map) or grow "
+                                        "(expand-and-prune from seed nodes)")] = "eap-ig",
     model: ModelOpt = DEFAULT_SPEC, task: TaskOpt = "ioi",
-    metric: Annotated[str | None, typer.Option("--metric", help="Score by: the task metric (default), kl (KL(full || "
-                                               "circuit)), l2 (squared output distance), or logit_diff, logprob, prob")] = None,
-    positions: Annotated[str, typer.Option("--positions", help="last (answer position) or all (mean over positions; kl, l2)")] = "last",
-    ablation: Annotated[str, typer.Option("--ablation", help="What an ablated edge carries: corrupt, mean, zero or resample")] = "corrupt",
+    metric: Annotated[str | None, typer.Option("--metric", help="Score by: the task metric (default; kl for acdc "
+                                               "and prune), kl (KL(full || circuit)), l2 (squared output distance), "
+                                               "or logit_diff, logprob, prob")] = None,
+    positions: Annotated[str | None, typer.Option("--positions", help="last (answer position; default) or all "
+                                                  "(mean over positions; kl, l2)")] = None,
+    ablation: Annotated[str | None, typer.Option("--ablation", help="What an ablated edge carries: corrupt "
+                                                 "(default), mean, zero or resample")] = None,
     top_n: Annotated[int | None, typer.Option("--top-n", help="Keep the N edges with the largest |score|")] = None,
     threshold: Annotated[float | None, typer.Option("--threshold", help="Keep edges with |score| >= X")] = None,
     target: Annotated[float | None, typer.Option("--target-faithfulness", help="Smallest circuit with normalised "
                                                  "faithfulness >= F, F in (0, 1] (default 0.8 when no selection is given)")] = None,
     greedy: Annotated[bool, typer.Option("--greedy", help="Grow the circuit from the logits backwards (no dangling edges)")] = False,
-    steps: Annotated[int, typer.Option("--steps", help="EAP-IG interpolation points")] = 5,
+    steps: Annotated[int | None, typer.Option("--steps", help="eap-ig: interpolation points (default 5); prune: "
+                                              "training steps")] = None,
+    tau: Annotated[float | None, typer.Option("--tau", help="acdc: remove an edge when the metric moves by less "
+                                              "than tau")] = None,
+    target_edges: Annotated[int | None, typer.Option("--target-edges", help="prune: edges the learned mask keeps")] = None,
+    seed_nodes: Annotated[str | None, typer.Option("--seed-nodes", help="grow: comma-separated nodes to start from, "
+                                                   "e.g. a5.h3,m7 (default: the logits)")] = None,
+    max_edges: Annotated[int | None, typer.Option("--max-edges", help="grow: stop at this many edges")] = None,
     out: Path = OutOpt("out/discover"), n: NOpt = 8, seed: SeedOpt = 0, force: ForceOpt = False,
 ) -> None:
-    """Circuit discovery: score every edge (EAP, EAP-IG or exact effects), choose a circuit, and write
-    circuit.json (EAP-IG / MIB layout), its picture and the faithfulness curve with CPR and CMD."""
-    methods = ("eap", "eap-ig", "exact")
+    """Circuit discovery: score edges (EAP, EAP-IG, exact effects), remove them greedily (ACDC), learn an edge
+    mask (prune), rank parameters (grad) or heads (heads), or grow a circuit from seed nodes (grow); write
+    circuit.json (EAP-IG / MIB layout), its picture and its faithfulness."""
+    given = {"score_metric": metric, "positions": positions, "ablation": ablation, "top_n": top_n,
+             "threshold": threshold, "target_faithfulness": target, "greedy": greedy or None, "steps": steps,
+             "tau": tau, "target_edges": target_edges, "max_edges": max_edges,
+             "seed_nodes": tuple(s.strip() for s in seed_nodes.split(",") if s.strip()) if seed_nodes else None}
+    options = {name: value for name, value in given.items() if value is not None}
     with user_errors():
-        if method not in methods:
-            raise CircuitlabError(f"unknown discovery method {method!r}; choose one of {', '.join(methods)}")
-    execute(f"discover/{method}", out=out, model=model, task=task, n=n, seed=seed, force=force,
-            score_metric=metric, positions=positions, ablation=ablation, top_n=top_n, threshold=threshold,
-            target_faithfulness=target, greedy=greedy, steps=steps)
+        if method not in DISCOVERY_METHODS:
+            raise CircuitlabError(f"unknown discovery method {method!r}; choose one of {', '.join(DISCOVERY_METHODS)}")
+        from circuitlab.runner.registry import get_analysis
+
+        accepted = get_analysis(f"discover/{method}").option_names()
+        foreign = [_DISCOVER_FLAGS[name] for name in options if name not in accepted]
+        if foreign:
+            raise CircuitlabError(f"{', '.join(foreign)} does not apply to --method {method}")
+    execute(f"discover/{method}", out=out, model=model, task=task, n=n, seed=seed, force=force, **options)
 
 
 def main() -> None:  # pragma: no cover - console entry point

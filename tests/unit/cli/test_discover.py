@@ -28,7 +28,9 @@ def test_discover_writes_a_circuit(tmp_path, toy_dir, task_file):
 def test_discover_bad_inputs_are_one_line_errors(tmp_path, toy_dir, task_file):
     base = ["discover", "--model", str(toy_dir), "--task", str(task_file), "--out", str(tmp_path / "d")]
     cases = [
-        (["--method", "acdc"], "unknown discovery method 'acdc'"),
+        (["--method", "bogus"], "unknown discovery method 'bogus'"),
+        (["--method", "eap", "--tau", "0.1"], "--tau does not apply to --method eap"),
+        (["--method", "exact", "--tau", "3", "--max-edges", "4"], "--tau, --max-edges does not apply"),
         (["--threshold", "-0.5"], "threshold must be a number >= 0"),
         (["--target-faithfulness", "1.5"], "(0, 1]"),
         (["--top-n", "5", "--threshold", "0.1"], "mutually exclusive"),
