@@ -379,6 +379,25 @@ def discover(
     execute(f"discover/{method}", out=out, model=model, task=task, n=n, seed=seed, force=force, **options)
 
 
+@app.command("report", epilog="Examples: circuitlab report out/demo\n\ncircuitlab report runs/ --out runs.html")
+def report(
+    folder: Annotated[Path, typer.Argument(help="A run directory or a folder holding runs (searched recursively)")],
+    out: Annotated[Path | None, typer.Option("--out", help="The HTML file to write (default: FOLDER/"
+                                             "circuitlab-report.html)")] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Every run under FOLDER in one self-contained HTML file: heatmaps with values on hover, circuits as
+    zoomable graphs, records and parameters; plots embedded, no network needed to view it."""
+    from circuitlab.report.collection import write_collection
+
+    with user_errors():
+        path, shown, broken = write_collection(folder, out, force=force)
+    if broken:
+        errors.print(f"[bold yellow]warning:[/] {broken} folder(s) with an unreadable results.json are listed "
+                     "at the top of the report, not shown", markup=True, highlight=False)
+    console.print(f"wrote {path} ({shown} run{'s' if shown != 1 else ''})")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

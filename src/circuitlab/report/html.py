@@ -19,17 +19,23 @@ from typing import Any
 from urllib.parse import quote
 
 from circuitlab.atomic import write_text_atomically
+from circuitlab.report.figure_data import SUFFIX as HEATMAP_SUFFIX
+from circuitlab.report.figure_data import Heatmap
+from circuitlab.report.figure_data import from_json as heatmaps_from_json
+from circuitlab.report.interactive import ZOOM_SCRIPT, circuit_svg, heatmap_svg
 from circuitlab.report.terminal import flatten_summary, is_number, strongest_first
 from circuitlab.results import Result
 
 MAX_ROWS = 200  # record rows shown in a report; all of them are in results.csv
 INDEX = "index.html"
 REPORT = "report.html"
+CIRCUIT = "circuit.json"
+CIRCUIT_PICTURE = "circuit.png"
 
 # Summary keys worth a place in the demo index, most telling first; a step whose summary has none of
 # them shows its first few numbers instead.
 HEADLINE_KEYS = (
-    "accuracy", "clean_mean", "corrupt_mean", "max_abs_cell", "final_top1", "final_top1_prob",
+    "faithfulness", "circuit_edges", "cpr", "accuracy", "clean_mean", "corrupt_mean", "max_abs_cell", "final_top1", "final_top1_prob",
     "target_prob_final", "clean_prob", "corrupt_prob", "mean_clean_prob", "mean_corrupt_prob",
     "max_completeness_gap", "n_edges",
 )
@@ -42,6 +48,7 @@ body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 a
 max-width:1200px;color:#1f2328;line-height:1.45}
 h1{font-size:1.5em;margin:.2em 0 .1em}h2{font-size:1.15em;margin:1.6em 0 .4em;border-bottom:1px solid var(--line);
 padding-bottom:.2em}
+h3{font-size:1.02em;margin:1.2em 0 .3em}
 nav{font-size:14px;margin-bottom:.4em}a{color:#0b5cad}
 .meta{color:var(--muted);font-size:14px;margin:.2em 0 1em}.meta b{color:#1f2328;font-weight:600}
 .muted{color:var(--muted);font-size:13px}
@@ -51,6 +58,7 @@ td,th{border:1px solid var(--line);padding:3px 8px;text-align:left;vertical-alig
 th{background:var(--head);font-weight:600}
 table.records th{position:sticky;top:0}
 table.records tr:nth-child(even) td{background:#fafbfc}
+div.problems{background:#fff4e5;border:1px solid #f0c36d;padding:.5em 1em;margin:1em 0}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 td.text{max-width:32em;overflow-wrap:anywhere;white-space:pre-wrap}  /* tokens keep their leading space */
 table.kv th{white-space:nowrap}
@@ -58,6 +66,10 @@ figure{margin:1em 0}
 figure img{display:block;max-width:100%;height:auto;border:1px solid #eee}
 figcaption{color:var(--muted);font-size:12px;margin-top:.2em}
 img.thumb{max-width:280px;max-height:180px;height:auto;border:1px solid #eee}
+svg.heatmap{display:block;margin:.3em 0}svg.heatmap rect:hover{stroke:#000;stroke-width:1.5}
+svg.circuit{border:1px solid #eee;cursor:grab;max-width:100%}svg.circuit line:hover{stroke-opacity:1}
+details summary{cursor:pointer;color:var(--muted);font-size:12px}
+@media print{details,nav{display:none}svg.circuit{height:auto}}
 code{background:#f3f4f6;padding:1px 4px;border-radius:3px}
 """
 
@@ -84,34 +96,74 @@ def _kv_table(data: dict[str, Any]) -> str:
     return f"<div class=scroll><table class=kv>{rows}</table></div>"
 
 
-def _records_table(records: list[dict[str, Any]]) -> str:
+def _records_table(records: list[dict[str, Any]], max_rows: int = MAX_ROWS) -> str:
     if not records:
         return "<p class=muted>no records</p>"
     rows = strongest_first(records)
-    shown = rows[:MAX_ROWS]
+    shown = rows[:max_rows]
     # Columns empty in every shown row (e.g. `head` of a layer x pos sweep) are left out; results.csv has them.
     cols = [c for c in dict.fromkeys(k for r in shown for k in r) if any(r.get(c) is not None for r in shown)]
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
     body = "".join("<tr>" + "".join(_td(r.get(c)) for c in cols) + "</tr>" for r in shown)
     order = "largest |value| first" if rows is not records else "in the order the analysis wrote them"
     note = f"{len(records)} records, {order}"
-    if len(records) > MAX_ROWS:
-        note = (f"the first {MAX_ROWS} of {len(records)} records, {order}; "
-                f"{len(records) - MAX_ROWS} more rows in results.csv")
+    if len(records) > max_rows:
+        note = (f"the first {max_rows} of {len(records)} records, {order}; "
+                f"{len(records) - max_rows} more rows in results.csv")
     return (f"<p class=muted>{html.escape(note)}</p>"
             f"<div class=scroll><table class=records><tr>{head}</tr>{body}</table></div>")
 
 
-def _figures(out_dir: Path, result: Result) -> str:
-    # Only this run's own figures: a directory may hold files of other runs, never shown here.
+def _figures(out_dir: Path, result: Result, prefix: str = "") -> str:
+    """This run's own figures (a directory may hold files of other runs, never shown here): heatmaps whose
+    numbers were saved beside them as interactive SVG (the picture one click away), the rest as pictures,
+    and a circuit.json as a zoomable graph."""
     parts = []
-    for name in (a for a in result.artifacts if a.lower().endswith(".png")):
+    circuit = _circuit(out_dir, result)
+    for k, name in enumerate(a for a in result.artifacts if a.lower().endswith(".png")):
         path = out_dir / name
-        if path.is_file():
-            data = base64.b64encode(path.read_bytes()).decode("ascii")
-            parts.append(f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>"
-                         f"<figcaption>{html.escape(name)}</figcaption></figure>")
+        if not path.is_file():
+            continue
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        image = f"<img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>"
+        maps = _heatmaps(out_dir, result, name)
+        if maps:
+            svgs = "".join(heatmap_svg(m, f"{prefix}{k}-{i}") for i, m in enumerate(maps))
+            parts.append(f"<figure><div class=scroll>{svgs}</div><figcaption>{html.escape(name)} (hover a cell for "
+                         f"its value)</figcaption><details><summary>picture</summary>{image}</details></figure>")
+        elif circuit and name == CIRCUIT_PICTURE:
+            svg, caption = circuit
+            parts.append(f"<figure>{svg}<figcaption>{html.escape(caption)}</figcaption>"
+                         f"<details><summary>picture</summary>{image}</details></figure>")
+            circuit = None
+        else:
+            parts.append(f"<figure>{image}<figcaption>{html.escape(name)}</figcaption></figure>")
+    if circuit:
+        svg, caption = circuit
+        parts.append(f"<figure>{svg}<figcaption>{html.escape(caption)}</figcaption></figure>")
     return "".join(parts)
+
+
+def _circuit(out_dir: Path, result: Result) -> tuple[str, str] | None:
+    """The run's circuit.json as a zoomable graph and its caption (None without one)."""
+    if CIRCUIT not in result.artifacts or not (out_dir / CIRCUIT).is_file():
+        return None
+    try:
+        svg, caption = circuit_svg(json.loads((out_dir / CIRCUIT).read_text(encoding="utf-8")))
+    except (ValueError, AttributeError, TypeError):
+        return None  # not a circuit file we can draw: the picture still shows
+    return svg, f"{CIRCUIT}: {caption}"
+
+
+def _heatmaps(out_dir: Path, result: Result, picture: str) -> list[Heatmap]:
+    name = Path(picture).stem + HEATMAP_SUFFIX
+    path = out_dir / name
+    if name not in result.artifacts or not path.is_file():
+        return []
+    try:
+        return heatmaps_from_json(path.read_text(encoding="utf-8"))
+    except (ValueError, TypeError, KeyError):
+        return []  # a damaged sidecar: the picture still shows
 
 
 # --- headline numbers -----------------------------------------------------------------------------------
@@ -135,13 +187,15 @@ def headline(summary: dict[str, Any], limit: int = MAX_HEADLINE) -> list[tuple[s
 
 
 # --- pages ----------------------------------------------------------------------------------------------
-def _page(title: str, body: str) -> str:
-    return (f"<!doctype html><html lang=en><head><meta charset='utf-8'>"
+def page(title: str, body: str, *, head: str = "") -> str:
+    """A whole self-contained page; the zoom script comes along when the body holds a circuit graph."""
+    return (f"<!doctype html><html lang=en><head><meta charset='utf-8'>{head}"
             f"<meta name=viewport content='width=device-width,initial-scale=1'><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style></head><body>{body}</body></html>")
+            f"<style>{STYLE}</style></head><body>{body}"
+            + (f"<script>{ZOOM_SCRIPT}</script>" if "class=circuit" in body else "") + "</body></html>")
 
 
-def _now() -> str:
+def now_text() -> str:
     return datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
 
 
@@ -154,7 +208,7 @@ def _header_line(result: Result) -> str:
     parts += [("computation", f"{result.timing_s:.2f} s"), ("model load", f"{result.load_s:.2f} s")]
     if result.seed is not None:
         parts.append(("seed", str(result.seed)))
-    parts.append(("written", _now()))
+    parts.append(("written", now_text()))
     return " · ".join(f"{html.escape(k)} <b>{html.escape(str(v))}</b>" for k, v in parts)
 
 
@@ -170,19 +224,25 @@ def render_report(result: Result, out_dir: str | Path, *, index: str | None = No
     model = result.model.get("spec", "?")
     task = (result.task or {}).get("name")
     title = f"circuitlab {result.command}: {model}" + (f" / {task}" if task else "")
-    figures = _figures(out, result)
+    nav = f"<nav><a href='{html.escape(index)}'>&larr; back to index</a></nav>" if index else ""
+    return page(title, nav + f"<h1>circuitlab {html.escape(result.command)}</h1>" + run_body(result, out))
+
+
+def run_body(result: Result, out_dir: Path, *, prefix: str = "", level: int = 2, max_rows: int = MAX_ROWS) -> str:
+    """One run's header line and sections (summary, plots, records, parameters, task, versions) with
+    headings at `level`; `prefix` keeps element ids unique when several runs share a page."""
+    h = f"h{level}"
+    figures = _figures(out_dir, result, prefix)
     sections = [
-        f"<nav><a href='{html.escape(index)}'>&larr; back to index</a></nav>" if index else "",
-        f"<h1>circuitlab {html.escape(result.command)}</h1>",
         f"<p class=meta>{_header_line(result)}</p>",
-        "<h2>Summary</h2>" + _kv_table(result.summary) if result.summary else "",
-        "<h2>Plots</h2>" + figures if figures else "",
-        "<h2>Records</h2>" + _records_table(result.records),
-        "<h2>Parameters</h2>" + _kv_table(result.params) if result.params else "",
-        "<h2>Task</h2>" + _kv_table(result.task) if result.task else "",
-        "<h2>Model and versions</h2>" + _kv_table(result.model) + _kv_table(result.versions),
+        f"<{h}>Summary</{h}>" + _kv_table(result.summary) if result.summary else "",
+        f"<{h}>Plots</{h}>" + figures if figures else "",
+        f"<{h}>Records</{h}>" + _records_table(result.records, max_rows),
+        f"<{h}>Parameters</{h}>" + _kv_table(result.params) if result.params else "",
+        f"<{h}>Task</{h}>" + _kv_table(result.task) if result.task else "",
+        f"<{h}>Model and versions</{h}>" + _kv_table(result.model) + _kv_table(result.versions),
     ]
-    return _page(title, "".join(sections))
+    return "".join(sections)
 
 
 def write_report(result: Result, out_dir: str | Path, *, index: str | None = None) -> Path:
@@ -215,14 +275,14 @@ def render_index(out_dir: str | Path, steps: Sequence[tuple[str, str, Result]]) 
     total = sum(r.timing_s for _, _, r in steps)
     meta = [("model", ", ".join(models))] + ([("task", ", ".join(tasks))] if tasks else [])
     meta += [("steps", str(len(steps))), ("computation", f"{total:.1f} s"), ("model load", f"{load:.1f} s"),
-             ("written", _now())]
+             ("written", now_text())]
     meta_html = " · ".join(f"{html.escape(k)} <b>{html.escape(v)}</b>" for k, v in meta)
     rows = "".join(_index_row(out, folder, desc, r) for folder, desc, r in steps)
     body = (f"<h1>circuitlab demo: {html.escape(models[0])}</h1><p class=meta>{meta_html}</p>"
             "<div class=scroll><table class=records><tr><th>step</th><th>what</th><th>headline numbers</th>"
             f"<th>time</th><th>plot</th></tr>{rows}</table></div>"
             "<p class=muted>Each step's folder holds its report.html, results.json, results.csv and plots.</p>")
-    return _page(f"circuitlab demo: {models[0]}", body)
+    return page(f"circuitlab demo: {models[0]}", body)
 
 
 def write_index(out_dir: str | Path, steps: list[tuple[str, str, Result]]) -> Path:

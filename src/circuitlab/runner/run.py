@@ -120,3 +120,11 @@ def save_run(result: Result, output: AnalysisResult, directory: str | Path) -> P
     result.artifacts = artifacts
     result.save(directory)
     return write_report(result, directory)
+    from circuitlab.report.figure_data import SUFFIX as HEATMAP_SUFFIX
+    from circuitlab.report.figure_data import heatmaps_of
+    from circuitlab.report.figure_data import to_json as heatmaps_json
+        heatmaps = heatmaps_of(figure)  # the numbers behind a heatmap, for the report's hover values
+        if heatmaps:
+            sidecar = Path(name).stem + HEATMAP_SUFFIX
+            (directory / sidecar).write_text(heatmaps_json(heatmaps), encoding="utf-8")
+            artifacts.append(sidecar)
