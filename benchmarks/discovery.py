@@ -8,6 +8,7 @@ Baseline: one forward of the clean batch plus the backward of the logit differen
 (baseline and method alternate, so both see the same load on a shared machine):
 - EAP over all 123,211 edges (target: at most 3x; the floor is about 2 forwards + 1 backward);
 - EAP-IG with m = --steps points (target: at most 3(m+1)/2 x the baseline, 9x for m = 5);
+- with --act, EAP-IG-activations (m x (2L + 1) points: expect about 2L + 1 times EAP-IG; no target);
 - exact effects: edges per second (one masked run per edge, many per forward, each restarted at its
   receiver's layer from one recorded clean run) on --exact-edges random edges into each of five receiver
   layers (0, L/3, 2L/3, L-1, logits), the all-edges time estimated from them (seconds per edge
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--exact-edges", type=int, default=64, help="edges per sampled receiver layer")
     parser.add_argument("--exact-full-edges", type=int, default=32, help="edges for the no-restart baseline")
+    parser.add_argument("--act", action="store_true", help="also time EAP-IG-activations (slow: 61x EAP-IG points)")
     args = parser.parse_args()
     model = load_model("smollm2-135m")
     prepared = TaskSource(name="ioi", n=args.n, seed=0).build(model).prepare(model).largest_group()
@@ -75,6 +77,12 @@ def main() -> None:
     target = 3 * (args.steps + 1) / 2
     print(f"EAP-IG m={args.steps}: {ig_s:.3f} s; median paired ratio {ig_ratio:.2f}x (target <= {target:.1f}x), "
           f"{ig_s / eap_s:.2f}x EAP; peak RSS {peak_mib():.0f} MiB")
+
+    if args.act:
+        _, act_s, act_ratio = paired_ratio(forward_backward, lambda: edge_scores(
+            model, prepared, method="eap-ig-act", steps=args.steps, graph=graph), 1)
+        print(f"EAP-IG-activations m={args.steps}: {act_s:.3f} s; ratio {act_ratio:.2f}x, {act_s / ig_s:.1f}x EAP-IG; "
+              f"peak RSS {peak_mib():.0f} MiB")
 
     scorer = discovery_metric(prepared)
     inputs = BatchInputs.build(engine, batch, "corrupt", scorer)

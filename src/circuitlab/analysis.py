@@ -35,6 +35,24 @@ class NoParams:
 
 
 @dataclass(frozen=True)
+class ShardSpec(Generic[P]):
+    """How an analysis runs on shards of its prompts (``--backend ray``; see docs/METHODS.md,
+    "Distributed runs").
+
+    partial: ``partial(model, task_shard, params)`` -> a picklable partial result of those prompts (their
+        sums and counts, or their per-prompt values), computed where the shard runs.
+    merge: ``merge(model, task, partials, params)`` -> the whole task's `AnalysisResult`, equal to
+        `compute` on the whole task up to float summation order; `partials` come in the task's prompt order.
+    check: optional; raises a `CircuitlabError` for options under which shards cannot be merged exactly
+        (e.g. a mean ablation, whose mean runs over every prompt of a token-length group).
+    """
+
+    partial: Callable[[Model, Task, P], Any]
+    merge: Callable[[Model, Task, list[Any], P], AnalysisResult]
+    check: Callable[[P], None] | None = None
+
+
+@dataclass(frozen=True)
 class Analysis(Generic[P]):
     """A registered analysis.
 
@@ -45,6 +63,7 @@ class Analysis(Generic[P]):
     task: whether a task is required, optional (e.g. a single ``--prompt`` instead) or never used.
     task_source: optional hook that adjusts the task description to the options before validation
         (e.g. position-wise patching of IOI keeps one template so positions align).
+    shard: optional `ShardSpec`: how the analysis splits over prompt shards (None: it runs in one process).
     """
 
     name: str
@@ -53,6 +72,7 @@ class Analysis(Generic[P]):
     compute: Callable[[Model, Task | None, P], AnalysisResult]
     task: TaskUse = "required"
     task_source: Callable[[TaskSource, P], TaskSource] | None = None
+    shard: ShardSpec[P] | None = None
 
     def option_names(self) -> set[str]:
         """The names `make_params` accepts."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypedDict
 
 import typer
 from rich.console import Console
@@ -35,6 +35,15 @@ NOpt = Annotated[int | None, typer.Option("--n", help="Number of prompts (defaul
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed for task generation and sampling")]
 MetricOpt = Annotated[str | None, typer.Option("--metric", help="Override the task metric: logit_diff, logprob, prob, kl, or output:K (raw output K at the answer position)")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an --out directory that holds an earlier run")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="local (this process) or ray (prompt shards over Ray "
+                                         "workers; same result)")]
+RayAddressOpt = Annotated[str | None, typer.Option("--ray-address", help="--backend ray: join a running cluster "
+                                                   "(auto or HOST:PORT); default: start a local one")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="--backend ray: workers (each loads the model once)")]
+ThreadsOpt = Annotated[int, typer.Option("--threads-per-worker", help="--backend ray: torch threads per worker")]
+ShardSizeOpt = Annotated[int, typer.Option("--shard-size", help="--backend ray / --resume: prompts per shard")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Reuse the finished prompt shards of an interrupted run "
+                                         "into the same --out (kept in OUT.shards)")]
 
 
 def OutOpt(default: str) -> Any:  # noqa: N802 - reads as a type in the signatures below
@@ -70,6 +79,17 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         errors.print("interrupted; the --out directory was left as it was")
         raise typer.Exit(code=130) from None
+
+
+def _executor(backend: str, ray_address: str | None, workers: int, threads: int, shard_size: int,
+              resume: bool) -> Any:
+    """The `Executor` of the distribution options; None for today's in-process run (Ray never imported)."""
+    if backend == "local" and ray_address is None and not resume:
+        return None
+    from circuitlab.runner.executor import Executor
+
+    with user_errors():
+        return Executor(backend, ray_address, workers, threads, shard_size, resume)
 
 
 def execute(analysis: str, *, out: Path, print_result: Callable[[Any], None] | None = None, **kwargs: Any) -> None:
@@ -169,11 +189,14 @@ def cache_clean(everything: Annotated[bool, typer.Option("--all", help="Also rem
 
 @app.command("eval", epilog="Example: circuitlab eval --task ioi --n 32 --out out/eval")
 def eval_cmd(task: TaskOpt = "ioi", model: ModelOpt = DEFAULT_SPEC, out: Path = OutOpt("out/eval"),
-             n: NOpt = None, seed: SeedOpt = 0, metric: MetricOpt = None, force: ForceOpt = False) -> None:
+             n: NOpt = None, seed: SeedOpt = 0, metric: MetricOpt = None, force: ForceOpt = False,
+             backend: BackendOpt = "local", ray_address: RayAddressOpt = None, workers: WorkersOpt = 2,
+    threads_per_worker: ThreadsOpt = 1, shard_size: ShardSizeOpt = 8, resume: ResumeOpt = False,) -> None:
     """Evaluate a task: accuracy and mean clean / corrupt metric."""
     from circuitlab.report.terminal import summary_table
 
     execute("eval", out=out, model=model, task=task, n=n, seed=seed, metric=metric, force=force,
+            executor=_executor(backend, ray_address, workers, threads_per_worker, shard_size, resume),
             print_result=lambda r: console.print(summary_table(r.result.summary, f"{task} on {model}")))
 
 
@@ -220,6 +243,8 @@ def attribute(
     direction: Annotated[str, typer.Option("--direction", help="atp: denoise (clean into corrupt, gradient at the "
                                            "corrupt run) or noise (corrupt into clean, gradient at the clean run)")] = "denoise",
     force: ForceOpt = False,
+    backend: BackendOpt = "local", ray_address: RayAddressOpt = None, workers: WorkersOpt = 2,
+    threads_per_worker: ThreadsOpt = 1, shard_size: ShardSizeOpt = 8, resume: ResumeOpt = False,
 ) -> None:
     """Attribution: direct logit attribution, integrated gradients, attention rollout / flow,
     attention x gradient, attribution patching."""
@@ -237,7 +262,7 @@ def attribute(
         "atp": {"sites": tuple(x.strip() for x in sites.split(",") if x.strip()), "direction": direction},
     }
     execute(f"attribute/{method}", out=out, model=model, task=source, n=n if task else None, seed=seed,
-            metric=metric, force=force, **options.get(method, {}))
+            metric=metric, force=force, executor=_executor(backend, ray_address, workers, threads_per_worker, shard_size, resume), **options.get(method, {}))
 
 
 @app.command(epilog="Examples: circuitlab trace --prompt 'The Eiffel Tower is located in the city of' "
@@ -258,6 +283,8 @@ def trace(
                                            "token of a group) or prompt (each prompt's group mean first)")] = "token",
     window: Annotated[int, typer.Option("--window", help="Layers restored together for mlp / attn")] = 10,
     out: Path = OutOpt("out/trace"), n: NOpt = None, seed: SeedOpt = 0, force: ForceOpt = False,
+    backend: BackendOpt = "local", ray_address: RayAddressOpt = None, workers: WorkersOpt = 2,
+    threads_per_worker: ThreadsOpt = 1, shard_size: ShardSizeOpt = 8, resume: ResumeOpt = False,
 ) -> None:
     """ROME causal tracing: noise the subject's embeddings, restore clean states per (layer, token)."""
     with user_errors():
@@ -267,7 +294,7 @@ def trace(
                               "window": window}
     if task is not None:
         execute("trace/average", out=out, model=model, task=task, n=n, seed=seed, force=force, aggregate=aggregate,
-                **common)
+                executor=_executor(backend, ray_address, workers, threads_per_worker, shard_size, resume), **common)
     else:
         execute("trace", out=out, model=model, seed=seed, force=force, prompt=prompt, subject=subject,
                 target=target, **common)
@@ -296,10 +323,12 @@ def path_patch_cmd(
                                            "fast paths (memory budget)")] = 256,
     out: Path = OutOpt("out/path-patch"), n: NOpt = 8, seed: SeedOpt = 0, metric: MetricOpt = None,
     force: ForceOpt = False,
+    backend: BackendOpt = "local", ray_address: RayAddressOpt = None, workers: WorkersOpt = 2,
+    threads_per_worker: ThreadsOpt = 1, shard_size: ShardSizeOpt = 8, resume: ResumeOpt = False,
 ) -> None:
     """Path patching: every head as sender into --receivers (direct edges, corrupt -> clean), layer x head heatmap."""
     execute("path-patch", out=out, model=model, task=task, n=n, seed=seed, metric=metric, force=force,
-            receivers=receivers, method=method, max_batch=max_batch)
+            receivers=receivers, method=method, max_batch=max_batch, executor=_executor(backend, ray_address, workers, threads_per_worker, shard_size, resume))
 
 
 @app.command(epilog="Example: circuitlab patch --task ioi --site z --by layer,head --n 8 --out out/z")
@@ -312,13 +341,16 @@ def patch(
     per_prompt: Annotated[bool, typer.Option("--per-prompt", help="One record per cell and prompt")] = False,
     out: Path = OutOpt("out/patch"), n: NOpt = 8, seed: SeedOpt = 0, metric: MetricOpt = None,
     force: ForceOpt = False,
+    backend: BackendOpt = "local", ray_address: RayAddressOpt = None, workers: WorkersOpt = 2,
+    threads_per_worker: ThreadsOpt = 1, shard_size: ShardSizeOpt = 8, resume: ResumeOpt = False,
 ) -> None:
     """Activation patching sweep: normalised effect per cell (0 = corrupt, 1 = clean) and heatmaps."""
     execute("patch", out=out, model=model, task=task, n=n, seed=seed, metric=metric, force=force, site=site,
-            by=by, direction=direction, max_batch=max_batch, per_prompt=per_prompt)
+            by=by, direction=direction, max_batch=max_batch, per_prompt=per_prompt,
+            executor=_executor(backend, ray_address, workers, threads_per_worker, shard_size, resume))
 
 
-DISCOVERY_METHODS = ("eap", "eap-ig", "exact", "acdc", "prune", "grad", "heads", "grow")
+DISCOVERY_METHODS = ("eap", "eap-ig", "eap-ig-act", "exact", "acdc", "prune", "grad", "heads", "grow")
 # CLI spelling of each option discover passes on; only options given on the command line are passed, so each
 # method keeps its own defaults and an option a method does not take is a clear error (AnalysisError).
 _DISCOVER_FLAGS = {"score_metric": "--metric", "positions": "--positions", "ablation": "--ablation",
@@ -327,12 +359,30 @@ _DISCOVER_FLAGS = {"score_metric": "--metric", "positions": "--positions", "abla
                    "seed_nodes": "--seed-nodes", "max_edges": "--max-edges"}
 
 
+class _DiscoverOptions(TypedDict, total=False):
+    """The `discover` options given on the command line; one left out keeps the method's default."""
+
+    score_metric: str
+    positions: str
+    ablation: str
+    top_n: int
+    threshold: float
+    target_faithfulness: float
+    greedy: bool
+    steps: int
+    tau: float
+    target_edges: int
+    max_edges: int
+    seed_nodes: tuple[str, ...]
+
+
 @app.command(epilog="Examples: circuitlab discover --method eap --task ioi --n 8 --top-n 200 --out out/discover\n\n"
              "circuitlab discover --method eap-ig --steps 5 --metric kl --target-faithfulness 0.8\n\n"
              "circuitlab discover --method acdc --tau 0.02 --metric kl --task induction --n 8")
 def discover(
     method: Annotated[str, typer.Option("--method", help="eap (first order), eap-ig (integrated gradients on the "
-                                        "input embeddings), exact (one masked run per edge; small models), acdc "
+                                        "input embeddings), eap-ig-act (integrated gradients on each layer's output in turn; "
+                                        "about 2 x layers x steps backwards), exact (one masked run per edge; small models), acdc "
                                         "(greedy edge removal), prune (learned edge masks), grad (parameter-"
                                         "gradient importance), heads (per-head patching map) or grow "
                                         "(expand-and-prune from seed nodes)")] = "eap-ig",
@@ -349,7 +399,7 @@ def discover(
     target: Annotated[float | None, typer.Option("--target-faithfulness", help="Smallest circuit with normalised "
                                                  "faithfulness >= F, F in (0, 1] (default 0.8 when no selection is given)")] = None,
     greedy: Annotated[bool, typer.Option("--greedy", help="Grow the circuit from the logits backwards (no dangling edges)")] = False,
-    steps: Annotated[int | None, typer.Option("--steps", help="eap-ig: interpolation points (default 5); prune: "
+    steps: Annotated[int | None, typer.Option("--steps", help="eap-ig, eap-ig-act: interpolation points (default 5); prune: "
                                               "training steps")] = None,
     tau: Annotated[float | None, typer.Option("--tau", help="acdc: remove an edge when the metric moves by less "
                                               "than tau")] = None,
@@ -358,15 +408,37 @@ def discover(
                                                    "e.g. a5.h3,m7 (default: the logits)")] = None,
     max_edges: Annotated[int | None, typer.Option("--max-edges", help="grow: stop at this many edges")] = None,
     out: Path = OutOpt("out/discover"), n: NOpt = 8, seed: SeedOpt = 0, force: ForceOpt = False,
+    backend: BackendOpt = "local", ray_address: RayAddressOpt = None, workers: WorkersOpt = 2,
+    threads_per_worker: ThreadsOpt = 1, shard_size: ShardSizeOpt = 8, resume: ResumeOpt = False,
 ) -> None:
     """Circuit discovery: score edges (EAP, EAP-IG, exact effects), remove them greedily (ACDC), learn an edge
     mask (prune), rank parameters (grad) or heads (heads), or grow a circuit from seed nodes (grow); write
     circuit.json (EAP-IG / MIB layout), its picture and its faithfulness."""
-    given = {"score_metric": metric, "positions": positions, "ablation": ablation, "top_n": top_n,
-             "threshold": threshold, "target_faithfulness": target, "greedy": greedy or None, "steps": steps,
-             "tau": tau, "target_edges": target_edges, "max_edges": max_edges,
-             "seed_nodes": tuple(s.strip() for s in seed_nodes.split(",") if s.strip()) if seed_nodes else None}
-    options = {name: value for name, value in given.items() if value is not None}
+    options: _DiscoverOptions = {}  # only the options given: the rest keep the method's defaults
+    if metric is not None:
+        options["score_metric"] = metric
+    if positions is not None:
+        options["positions"] = positions
+    if ablation is not None:
+        options["ablation"] = ablation
+    if top_n is not None:
+        options["top_n"] = top_n
+    if threshold is not None:
+        options["threshold"] = threshold
+    if target is not None:
+        options["target_faithfulness"] = target
+    if greedy:
+        options["greedy"] = True
+    if steps is not None:
+        options["steps"] = steps
+    if tau is not None:
+        options["tau"] = tau
+    if target_edges is not None:
+        options["target_edges"] = target_edges
+    if max_edges is not None:
+        options["max_edges"] = max_edges
+    if seed_nodes:
+        options["seed_nodes"] = tuple(s.strip() for s in seed_nodes.split(",") if s.strip())
     with user_errors():
         if method not in DISCOVERY_METHODS:
             raise CircuitlabError(f"unknown discovery method {method!r}; choose one of {', '.join(DISCOVERY_METHODS)}")
@@ -376,7 +448,8 @@ def discover(
         foreign = [_DISCOVER_FLAGS[name] for name in options if name not in accepted]
         if foreign:
             raise CircuitlabError(f"{', '.join(foreign)} does not apply to --method {method}")
-    execute(f"discover/{method}", out=out, model=model, task=task, n=n, seed=seed, force=force, **options)
+    execute(f"discover/{method}", out=out, model=model, task=task, n=n, seed=seed, force=force,
+            executor=_executor(backend, ray_address, workers, threads_per_worker, shard_size, resume), **options)
 
 
 @app.command("report", epilog="Examples: circuitlab report out/demo\n\ncircuitlab report runs/ --out runs.html")
@@ -396,6 +469,147 @@ def report(
         errors.print(f"[bold yellow]warning:[/] {broken} folder(s) with an unreadable results.json are listed "
                      "at the top of the report, not shown", markup=True, highlight=False)
     console.print(f"wrote {path} ({shown} run{'s' if shown != 1 else ''})")
+
+
+@app.command("grid", epilog="Example: circuitlab grid spec.toml --out out/grid (spec: models, tasks, methods, "
+             "seeds lists; [methods.NAME] tables of options)")
+def grid_cmd(
+    spec: Annotated[Path, typer.Argument(help="Grid spec (.toml, or .yaml with PyYAML): models, tasks, methods, "
+                                         "seeds, n, metric")],
+    out: Path = OutOpt("out/grid"), force: ForceOpt = False,
+    backend: BackendOpt = "local", ray_address: RayAddressOpt = None, workers: WorkersOpt = 2,
+    threads_per_worker: ThreadsOpt = 1, shard_size: ShardSizeOpt = 8,
+    resume: Annotated[bool, typer.Option("--resume", help="Keep the cells that already hold a finished run "
+                                         "(and resume an interrupted cell's prompt shards)")] = False,
+) -> None:
+    """One command over a product of tasks, models, methods and seeds: a run folder per cell under --out,
+    index.json and index.html over them; the whole spec is checked before anything runs."""
+    from circuitlab.runner.grid import run_grid
+
+    executor = _executor(backend, ray_address, workers, threads_per_worker, shard_size, resume)
+    with user_errors():
+        index = run_grid(spec, out, force=force, resume=resume, executor=executor,
+                         on_cell=lambda cell, _: console.print(f"done {cell.folder}"))
+    console.print(f"wrote {out} (open {index})")
+
+
+def _noise_levels(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise CircuitlabError(f"--noise takes comma-separated numbers, e.g. 0,0.1,0.2; got {text!r}") from None
+
+
+def _print_verdict(done: Any) -> None:
+    """The verdict table (measure, value, 95% CI) in 80 columns, then the least needed components."""
+    from rich.table import Table
+
+    from circuitlab.report.terminal import records_table
+
+    table = Table(title=f"verify: {done.result.summary['circuit_edges']} edges, {done.result.summary['n_prompts']} "
+                  "prompts", title_justify="left", width=80)
+    table.add_column("measure", no_wrap=True, overflow="ellipsis", ratio=3)
+    table.add_column("value", justify="right", no_wrap=True, ratio=1)
+    table.add_column("95% CI", justify="right", no_wrap=True, ratio=2)
+    for row in done.output.verdict():
+        table.add_row(row["measure"], row["value"] or "", row["95% CI"])
+    console.print(table)
+    records = sorted(done.result.records, key=lambda r: abs(r["drop"]))
+    minimal = records_table(records, "components with the smallest drop (removed alone)", limit=5, width=80)
+    if minimal is not None:
+        console.print(minimal)
+
+
+@app.command(epilog="Examples: circuitlab verify --task ioi --n 16 --circuit out/discover/circuit.json --split test "
+             "--out out/verify\n\ncircuitlab verify --task ioi --circuit a.json --compare b.json --ablation mean")
+def verify(
+    circuit: Annotated[Path, typer.Option("--circuit", "-c", help="Circuit JSON (EAP-IG / MIB layout), e.g. "
+                                          "out/discover/circuit.json")],
+    model: ModelOpt = DEFAULT_SPEC, task: TaskOpt = "ioi",
+    ablation: Annotated[str, typer.Option("--ablation", help="What an ablated edge carries: corrupt, mean, zero "
+                                          "or resample")] = "corrupt",
+    metric: Annotated[str | None, typer.Option("--metric", help="Faithfulness metric: the task's (default), kl, "
+                                               "l2, logit_diff, logprob or prob")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="Evaluate on a split: train / test (first / second "
+                                              "half of the prompts) or template:I[,J] (IOI, QA); the other part "
+                                              "is reported too")] = None,
+    compare: Annotated[Path | None, typer.Option("--compare", help="Another circuit JSON: Jaccard overlap and "
+                                                 "each one's faithfulness inside the other")] = None,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="allclose: max |logit difference| between "
+                                             "circuit and model")] = 0.1,
+    epsilon: Annotated[float, typer.Option("--epsilon", help="Non-minimal: removing the component changes "
+                                           "faithfulness by less than this")] = 0.01,
+    noise: Annotated[str, typer.Option("--noise", help="Embedding-noise strengths (relative to the embedding "
+                                       "norm), comma-separated")] = "0,0.05,0.1,0.2,0.5",
+    n_bootstrap: Annotated[int, typer.Option("--n-bootstrap", help="Bootstrap resamples per 95% CI")] = 1000,
+    subsets: Annotated[int, typer.Option("--subsets", help="Completeness: random node subsets tried")] = 8,
+    greedy_steps: Annotated[int, typer.Option("--greedy-steps", help="Completeness: greedy search steps")] = 2,
+    per_edge: Annotated[bool, typer.Option("--per-edge", help="Minimality per edge too (one run per edge)")] = False,
+    out: Path = OutOpt("out/verify"), n: NOpt = 8, seed: SeedOpt = 0, force: ForceOpt = False,
+) -> None:
+    """Circuit verification: faithfulness and KL (every ablation), behaviour consistency, completeness,
+    minimality, perturbation, generalisation to a held-out split, comparison; bootstrap 95% CIs."""
+    with user_errors():
+        levels = _noise_levels(noise)
+    execute("verify", out=out, model=model, task=task, n=n, seed=seed, force=force, print_result=_print_verdict,
+            circuit=str(circuit), ablation=ablation, score_metric=metric, split=split,
+            compare=str(compare) if compare is not None else None, tolerance=tolerance, epsilon=epsilon,
+            noise=levels, n_bootstrap=n_bootstrap, subsets=subsets, greedy_steps=greedy_steps, per_edge=per_edge)
+
+
+def _print_heads(done: Any) -> None:
+    """The summary, then per detector the top heads with their scores (80 columns)."""
+    from circuitlab.report.terminal import records_table, summary_table
+
+    result = done.result
+    console.print(summary_table({k: v for k, v in result.summary.items() if k != "top"}, "heads: summary"))
+    top = int(result.params.get("top", 5))
+    for kind in ("prev_token", "duplicate_token", "induction", "bos"):
+        rows = sorted(result.records, key=lambda r: -r[kind])
+        partner = [] if kind == "bos" else ["k_partner", "k_composition"]
+        table = records_table(rows, f"top {top} heads by {kind}", limit=top, columns=["head", kind, *partner],
+                              width=min(console.width, 80))
+        if table is not None:
+            console.print(table)
+
+
+@app.command(epilog="Examples: circuitlab heads --out out/heads\n\n"
+             "circuitlab heads --model smollm2-135m --task ioi --n 8 --n-repeat-tokens 20 --out out/heads")
+def heads(
+    model: ModelOpt = DEFAULT_SPEC,
+    task: Annotated[str | None, typer.Option("--task", "-t", help="Optional task: attention to BOS is measured on "
+                                             "its clean prompts (default: on the repeated random tokens)")] = None,
+    n_repeat_tokens: Annotated[int, typer.Option("--n-repeat-tokens", help="Random tokens per copy: each sequence "
+                                                 "is BOS + x + x")] = 20,
+    n_sequences: Annotated[int, typer.Option("--n-sequences", help="Repeated random sequences averaged over")] = 4,
+    top: Annotated[int, typer.Option("--top", help="Heads listed per detector")] = 5,
+    out: Path = OutOpt("out/heads"), n: NOpt = 8, seed: SeedOpt = 0, force: ForceOpt = False,
+) -> None:
+    """Head analysis: previous-token, duplicate-token and induction scores, attention to BOS, and Q/K/V
+    composition between heads (heatmaps, composition.csv)."""
+    execute("heads", out=out, model=model, task=task, n=n if task else None, seed=seed, force=force,
+            print_result=_print_heads, n_repeat_tokens=n_repeat_tokens, n_sequences=n_sequences, top=top)
+
+
+STUDIES = ("induction", "ioi", "qa")
+_STUDY_TASKS = {"induction": "induction", "ioi": "ioi", "qa": "qa"}
+
+
+@app.command(epilog="Examples: circuitlab study induction --n 8 --out out/induction\n\n"
+             "circuitlab study ioi --n 16 --out out/ioi")
+def study(
+    name: Annotated[str, typer.Argument(help="induction (induction heads and their previous-token partners), ioi "
+                                        "(the IOI circuit and its head roles) or qa (document QA heads)")],
+    model: ModelOpt = DEFAULT_SPEC,
+    task: Annotated[str | None, typer.Option("--task", "-t", help="The task (default: the study's own: induction, "
+                                             "ioi or qa)")] = None,
+    out: Path = OutOpt("out/study"), n: NOpt = 8, seed: SeedOpt = 0, force: ForceOpt = False,
+) -> None:
+    """Case studies: find a circuit, verify it and state the findings with numbers (findings.md)."""
+    with user_errors():
+        if name not in STUDIES:
+            raise CircuitlabError(f"unknown study {name!r}; choose one of {', '.join(STUDIES)}")
+    execute(f"study/{name}", out=out, model=model, task=task or _STUDY_TASKS[name], n=n, seed=seed, force=force)
 
 
 def main() -> None:  # pragma: no cover - console entry point

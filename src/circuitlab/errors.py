@@ -57,6 +57,17 @@ class CacheError(CircuitlabError):
     """A model-cache entry that is missing, truncated or does not match its recorded size and hash."""
 
 
+class HeadsError(CircuitlabError):
+    """A head-analysis request that cannot run: repeated random tokens that do not fit the model's
+    vocabulary or context, or a bad option (token count, sequence count, top)."""
+
+
 class DiscoveryError(CircuitlabError):
     """A circuit-discovery request that cannot run: unknown method, ablation, metric or positions, a selection
     (top-n, threshold, target faithfulness) outside its range, or a metric the task cannot provide."""
+
+
+class VerifyError(CircuitlabError):
+    """A circuit-verification request that cannot run: faithfulness undefined (the metric is the same with
+    every edge and with none), an empty task split, a bad noise level or bootstrap count, or a circuit file
+    that does not fit the model."""

@@ -13,8 +13,9 @@ is shown::
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 _quiet = False
 
@@ -35,11 +36,18 @@ def stderr_console():  # noqa: ANN201 - rich is imported lazily: `circuitlab --h
     return Console(stderr=True)
 
 
+class Advance(Protocol):
+    """`advance(n)` moves a bar on by n; `advance(n, note)` also shows `note` after its description (e.g. a
+    training loss that changes every step)."""
+
+    def __call__(self, n: float, note: str | None = None) -> None: ...
+
+
 @contextmanager
-def progress_bar(total: float, description: str) -> Iterator[Callable[[float], None]]:
-    """A bar with elapsed time and ETA; yields `advance(n)`. A no-op when bars are off."""
+def progress_bar(total: float, description: str) -> Iterator[Advance]:
+    """A bar with elapsed time and ETA; yields `advance(n, note=None)`. A no-op when bars are off."""
     if not bars_enabled() or total <= 0:
-        yield lambda _n: None
+        yield lambda _n, note=None: None
         return
     from rich.progress import (
         BarColumn,
@@ -54,7 +62,8 @@ def progress_bar(total: float, description: str) -> Iterator[Callable[[float], N
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=stderr_console(), transient=True) as bar:
         task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+        yield lambda n, note=None: bar.update(task, advance=n,
+                                              description=description if note is None else f"{description} {note}")
 
 
 @contextmanager

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
 
-from circuitlab.analysis import Analysis, NoParams
+from circuitlab.analysis import Analysis, NoParams, ShardSpec
 from circuitlab.attribution import plots
 from circuitlab.attribution.attention_flow import (
     attention_flow,
@@ -173,6 +173,19 @@ class Groups:
         return {"n_prompts": self.n_prompts, "token_lengths": self.lengths}
 
 
+def _shard_parts(runs: list[Any]) -> tuple[Groups, list[Any]]:
+    """Prompt shards (consecutive prompts of the task, in order) as one run's groups and parts: each shard's
+    batches keep their own token length and count their prompts from the shard's first prompt in the task."""
+    batches, tokens, parts, offset = [], [], [], 0
+    for run in runs:
+        for batch, batch_tokens, part in zip(run.groups.batches, run.groups.tokens, run.parts, strict=True):
+            batches.append(replace(batch, indices=[offset + i for i in batch.indices]))
+            tokens.append(batch_tokens)
+            parts.append(part)
+        offset += run.groups.n_prompts
+    return Groups(batches, tokens), parts
+
+
 # --- direct logit attribution --------------------------------------------------------------------------
 
 @dataclass
@@ -213,6 +226,11 @@ class DLARun:
 def _dla(model: Model, task: Task | None, params: NoParams) -> DLARun:
     groups = Groups.of(_prepare(model, task))
     return DLARun(groups, [direct_logit_attribution(model, batch) for batch in groups.batches])
+
+
+def _dla_merge(model: Model, task: Task, partials: list[DLARun], params: NoParams) -> DLARun:
+    """Shards' per-prompt component values side by side: the means over prompts are the whole task's."""
+    return DLARun(*_shard_parts(partials))
 
 
 # --- integrated gradients ------------------------------------------------------------------------------
@@ -276,6 +294,14 @@ class IGRun:
 
 
 def _ig(model: Model, task: Task | None, params: IGParams) -> IGRun:
+    run = _ig_run(model, task, params)
+    if run.warning:  # loud: a number that does not add up must not pass silently
+        print(f"warning: {run.warning}", file=sys.stderr)
+    return run
+
+
+def _ig_run(model: Model, task: Task | None, params: IGParams) -> IGRun:
+    """`_ig` without the warning (a prompt shard's part; the merged run warns once)."""
     prepared = _prepare(model, task)
     baseline = params.baseline
     if baseline == "auto":  # the corrupt prompt when there is one (see integrated_gradients.py)
@@ -286,7 +312,13 @@ def _ig(model: Model, task: Task | None, params: IGParams) -> IGRun:
                                    steps=params.steps, rule=params.rule)
         for batch in groups.batches
     ], params.baseline)
-    if run.warning:  # loud: a number that does not add up must not pass silently
+    return run
+
+
+def _ig_merge(model: Model, task: Task, partials: list[IGRun], params: IGParams) -> IGRun:
+    """Shards' per-prompt attributions side by side, prompts numbered in the task (one row per prompt)."""
+    run = IGRun(*_shard_parts(partials), params.baseline)
+    if run.warning:
         print(f"warning: {run.warning}", file=sys.stderr)
     return run
 
@@ -488,9 +520,10 @@ def _atp(model: Model, task: Task | None, params: AtPParams) -> AttributionPatch
 
 # --- the registry entries ------------------------------------------------------------------------------
 
-DLA = Analysis("attribute/dla", "direct logit attribution of every head, MLP and embedding", NoParams, _dla)
+DLA = Analysis("attribute/dla", "direct logit attribution of every head, MLP and embedding", NoParams, _dla,
+               shard=ShardSpec(_dla, _dla_merge))
 IG = Analysis("attribute/ig", "integrated gradients over the input embeddings (or any hook)", IGParams, _ig,
-              task_source=_ig_source)
+              task_source=_ig_source, shard=ShardSpec(_ig_run, _ig_merge))
 ROLLOUT = Analysis("attribute/rollout", "attention rollout into one prompt's answer position", PromptIndex,
                    _flow_compute("rollout"))
 FLOW = Analysis("attribute/flow", "attention flow (max flow) into one prompt's answer position", PromptIndex,

@@ -1,4 +1,4 @@
-"""`discover/eap`, `discover/eap-ig`, `discover/exact`: score every edge, choose a circuit, measure it.
+"""`discover/eap`, `discover/eap-ig`, `discover/eap-ig-act`, `discover/exact`: score every edge, choose a circuit, measure it.
 
 One run: edge scores on the task (scores.py), the faithfulness curve of the top-n circuits over MIB's sizes
 with CPR and CMD (faithfulness.py), and the circuit chosen by exactly one of ``top_n``, ``threshold`` or
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from circuitlab.analysis import Analysis
+from circuitlab.analysis import Analysis, ShardSpec
 from circuitlab.discovery.faithfulness import (
     CircuitEvaluator,
     FaithfulnessCurve,
@@ -26,7 +26,9 @@ from circuitlab.discovery.faithfulness import (
     faithfulness_of,
     smallest_faithful_circuit,
 )
+from circuitlab.discovery.head_map import HeadsParams, discover_heads
 from circuitlab.discovery.metrics import DISTANCE_METRICS, check_metric_name
+from circuitlab.discovery.param_grad import GradParams, discover_grad
 from circuitlab.discovery.scores import EdgeScoring, check_ablation, check_steps, edge_scores
 from circuitlab.discovery.selection import check_target, check_threshold, check_top_n, select
 from circuitlab.errors import DiscoveryError
@@ -37,7 +39,7 @@ from circuitlab.models.model import Model
 from circuitlab.progress import status
 from circuitlab.tasks.files import load_task_file
 from circuitlab.tasks.source import TASK_FILE_SUFFIXES, TaskSource
-from circuitlab.tasks.task import Task
+from circuitlab.tasks.task import PreparedTask, Task
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -175,6 +177,12 @@ def discover(model: Model, task: Task, method: str, params: DiscoverParams) -> D
     prepared = task.prepare(model)
     scoring = edge_scores(model, prepared, method=method, ablation=params.ablation, metric=params.score_metric,
                           positions=params.positions, steps=params.steps, graph=graph, seed=params.seed)
+    return measure(model, prepared, scoring, params)
+
+
+def measure(model: Model, prepared: PreparedTask, scoring: EdgeScoring, params: DiscoverParams) -> Discovery:
+    """The faithfulness curve and the chosen circuit of these edge scores (the second half of `discover`)."""
+    graph = scoring.graph
     with status("measuring faithfulness"):
         evaluator = CircuitEvaluator(model, prepared, ablation=params.ablation, metric=params.score_metric,
                                      positions=params.positions, graph=graph, seed=params.seed)
@@ -191,9 +199,9 @@ def discover(model: Model, task: Task, method: str, params: DiscoverParams) -> D
     return Discovery(scoring, circuit, faithful, curve, (mode, value), params.greedy)
 
 
-def answers_optional(source: TaskSource, params: DiscoverParams) -> TaskSource:
+def answers_optional(source: TaskSource, params: Any) -> TaskSource:
     """kl and l2 compare the circuit with the full model, not with answers: then a task file (or a `Task`)
-    may omit `answer`. The file is parsed here, before the model loads, as `TaskSource.validate` would."""
+    may omit `answer` (params: any discovery params with a `score_metric`). The file is parsed here, before the model loads, as `TaskSource.validate` would."""
     if params.score_metric not in DISTANCE_METRICS:
         return source
     if source.task is not None:
@@ -204,14 +212,67 @@ def answers_optional(source: TaskSource, params: DiscoverParams) -> TaskSource:
     return source
 
 
+@dataclass
+class ScoreSums:
+    """A prompt shard's edge scores as sums over its prompts (`scores` and `full`), their count, the metric."""
+
+    scores: torch.Tensor
+    full: float
+    n: int
+    metric: str
+
+
+def _shardable(params: DiscoverParams) -> None:
+    if params.ablation in ("mean", "resample"):
+        raise DiscoveryError(f"--ablation {params.ablation} draws from every prompt of a token-length group, so "
+                             "prompt shards would change it: use corrupt or zero ablation with --backend ray / "
+                             "--resume, or --backend local")
+
+
+def _shard(method: str) -> ShardSpec[DiscoverParams]:
+    """Edge scores are means over prompts: each shard returns its sums and count; the driver adds them up and
+    measures faithfulness (curve and chosen circuit) on the whole task in its own process."""
+    def partial(model: Model, task: Task, params: DiscoverParams) -> ScoreSums:
+        scoring = edge_scores(model, task.prepare(model), method=method, ablation=params.ablation,
+                              metric=params.score_metric, positions=params.positions, steps=params.steps,
+                              seed=params.seed)
+        return ScoreSums(scoring.scores * scoring.n_prompts, scoring.full_metric * scoring.n_prompts,
+                         scoring.n_prompts, scoring.metric)
+
+    def merge(model: Model, task: Task, partials: list[ScoreSums], params: DiscoverParams) -> Discovery:
+        graph = Graph.from_model(model)
+        if params.top_n is not None:
+            check_top_n(params.top_n, graph)
+        prepared = task.prepare(model)
+        n = sum(p.n for p in partials)
+        scores = partials[0].scores
+        for p in partials[1:]:
+            scores = scores + p.scores
+        scoring = EdgeScoring(graph, scores / n, method, params.ablation, partials[0].metric,
+                              params.positions, params.steps if method in ("eap-ig", "eap-ig-act") else None, n,
+                              sum(p.full for p in partials) / n)
+        return measure(model, prepared, scoring, params)
+
+    return ShardSpec(partial, merge, _shardable)
+
+
 def _entry(method: str, description: str) -> Analysis[DiscoverParams]:
     def compute(model: Model, task: Task | None, params: DiscoverParams) -> Discovery:
         assert task is not None  # the entry requires a task
         return discover(model, task, method, params)
 
-    return Analysis(f"discover/{method}", description, DiscoverParams, compute, task_source=answers_optional)
+    return Analysis(f"discover/{method}", description, DiscoverParams, compute, task_source=answers_optional,
+                    shard=_shard(method))
 
 
 EAP = _entry("eap", "circuit discovery by edge attribution patching (first-order edge effects)")
 EAP_IG = _entry("eap-ig", "circuit discovery by EAP with integrated gradients on the input embeddings")
+EAP_IG_ACT = _entry("eap-ig-act", "circuit discovery by EAP with integrated gradients on each layer's activations "
+                    "(MIB's EAP-IG-activations)")
 EXACT = _entry("exact", "circuit discovery by exact single-edge ablation effects (masked runs)")
+# Node-level methods (issue 13): algorithms, params and the `NodeDiscovery` result in param_grad.py / head_map.py.
+GRAD = Analysis("discover/grad", "node importance from one backward: |grad| and |grad x weight| of the task metric "
+                "per head and MLP; the flagged (or top-n) nodes as a circuit", GradParams, discover_grad)
+HEADS = Analysis("discover/heads", "head-level causal map: every head's hook_z patched (noising) by the "
+                 "activation-patching engine; the strongest heads (with every MLP) as a circuit", HeadsParams,
+                 discover_heads)

@@ -19,6 +19,7 @@ See docs/METHODS.md, "Circuit discovery".
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,7 @@ from circuitlab.graph.circuit import Circuit
 from circuitlab.graph.graph import Graph
 from circuitlab.graph.masked import MaskedEdgeEngine
 from circuitlab.models.model import Model
-from circuitlab.tasks.task import PreparedTask, Task
+from circuitlab.tasks.task import PreparedTask, Task, TaskBatch
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 # MIB's circuit sizes, as fractions of the graph's edges.
 MIB_FRACTIONS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 Masks = Bool[torch.Tensor, "k edge"]
+Read = Callable[[torch.Tensor, TaskBatch, torch.Tensor | None], torch.Tensor]
 
 
 class CircuitEvaluator:
@@ -72,20 +74,40 @@ class CircuitEvaluator:
 
     def metric(self, masks: Masks) -> Float[torch.Tensor, " k"]:
         """Mean metric over the task's prompts of each circuit (row of `masks`)."""
+        return self.per_prompt(masks).sum(1) / self.prepared.n_prompts
+
+    def per_prompt(self, masks: Masks, *, read: Read | None = None,
+                   hooks: Callable[[BatchInputs, int], list[Any]] | None = None) -> torch.Tensor:
+        """Per-prompt values [k, n_prompts, *] of each circuit, in the task's example order.
+
+        read(logits [k * batch, pos, vocab], batch, reference) -> [k * batch, *]: what to keep of each run
+        (default: the metric). hooks(inputs, k) -> forward hooks added around each masked forward of k rows
+        of that token-length group (e.g. noise on the input embeddings, as circuit verification does).
+        """
         masks = masks.reshape(-1, self.graph.n_edges)
-        total = torch.zeros(masks.shape[0])
+        read = read or self.scorer
+        out: torch.Tensor | None = None
         with torch.no_grad():
             for inputs in self.inputs:
                 per_forward = self.rows_per_forward or logit_rows_per_forward(self.engine, inputs.tokens)
                 for first in range(0, masks.shape[0], per_forward):
                     rows = masks[first:first + per_forward].float()
                     k = rows.shape[0]
-                    logits = self.engine.run(inputs.tokens, rows, inputs.ablated)  # [k, B, P, V]
+                    if hooks is None:
+                        logits = self.engine.run(inputs.tokens, rows, inputs.ablated)  # [k, B, P, V]
+                    else:
+                        with self.engine.bridge.hooks(fwd_hooks=hooks(inputs, k)):
+                            logits = self.engine.run(inputs.tokens, rows, inputs.ablated)
                     batch, reference = inputs.repeated(k)
-                    values = self.scorer(logits.reshape(-1, *logits.shape[2:]), batch, reference)
-                    total[first:first + k] += values.view(k, -1).sum(1)
+                    values = read(logits.reshape(-1, *logits.shape[2:]), batch, reference)
+                    values = values.reshape(k, inputs.batch.size, *values.shape[1:])
+                    if out is None:
+                        out = torch.zeros(masks.shape[0], self.prepared.n_prompts, *values.shape[2:],
+                                          dtype=values.dtype)
+                    out[first:first + k, inputs.batch.indices] = values
         self.n_evaluated += masks.shape[0]
-        return total / self.prepared.n_prompts
+        assert out is not None  # a prepared task has at least one batch
+        return out
 
     def faithfulness(self, masks: Masks) -> Float[torch.Tensor, " k"]:
         return (self.metric(masks) - self.empty) / (self.full - self.empty)

@@ -32,19 +32,18 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 
 from circuitlab.errors import DiscoveryError
 from circuitlab.graph.circuit import Circuit
 from circuitlab.graph.graph import Graph
 from circuitlab.graph.naming import edge_name, head_name, receiver_name
-from circuitlab.models.hooks import hook_name
+from circuitlab.heads.detectors import attention_patterns, induction_scores, previous_token_scores
 from circuitlab.models.model import Model
 from circuitlab.tasks.task import Example, Task
 
@@ -277,39 +276,6 @@ def check_name(name: str) -> str:
 
 
 # --- head roles (the procedure behind the trained model's truth) ----------------------------------------
-
-def attention_patterns(model: Model, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "layer batch head dest src"]:
-    """Every layer's attention pattern on `tokens`."""
-    store: dict[int, torch.Tensor] = {}
-
-    def keep(layer: int) -> Callable[[torch.Tensor, object], None]:
-        def hook(pattern: torch.Tensor, hook: object) -> None:
-            store[layer] = pattern.detach()
-        return hook
-
-    hooks = [(hook_name("pattern", layer), keep(layer)) for layer in range(model.n_layers)]
-    with torch.no_grad():
-        model.bridge.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None)
-    return torch.stack([store[layer] for layer in range(model.n_layers)])
-
-
-def previous_token_scores(patterns: Float[torch.Tensor, "layer batch head dest src"]) -> Float[torch.Tensor, "layer head"]:
-    """Mean attention from each position i >= 1 to position i - 1."""
-    n_pos = patterns.shape[-1]
-    dest = torch.arange(1, n_pos)
-    return patterns[..., dest, dest - 1].mean(dim=(1, 3))
-
-
-def induction_scores(patterns: Float[torch.Tensor, "layer batch head dest src"], seq_len: int) -> Float[torch.Tensor, "layer head"]:
-    """Mean attention from each second-copy position of BOS + x + x to its induction source.
-
-    At position 1 + seq_len + i (token x_i) the source is the position after x_i's first occurrence,
-    2 + i; for the last token that is the start of the second copy, 1 + seq_len.
-    """
-    dest = torch.arange(1 + seq_len, 1 + 2 * seq_len)
-    src = dest - seq_len + 1
-    return patterns[..., dest, src].mean(dim=(1, 3))
-
 
 def head_roles(model: Model, task: Task, *, threshold: float = ROLE_THRESHOLD) -> dict[str, list[tuple[int, int]]]:
     """Previous-token heads (layers before the last) and induction heads (layers after the first) whose

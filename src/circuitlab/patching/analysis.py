@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from circuitlab.analysis import Analysis
+import torch
+
+from circuitlab.analysis import Analysis, ShardSpec
 from circuitlab.errors import PatchingError
 from circuitlab.models.model import Model
 from circuitlab.patching.grid import check_heads, parse_by
@@ -100,5 +102,21 @@ def _aligned_ioi(source: TaskSource, params: PatchParams) -> TaskSource:
     return source
 
 
+def _merge(model: Model, task: Task, partials: list[PatchOutput], params: PatchParams) -> PatchOutput:
+    """Prompt shards of one sweep: their per-prompt values side by side in task order (a shard's prompts
+    are consecutive), so every mean, normalised effect and per-prompt row equals the one-process sweep."""
+    sweeps = [p.sweep for p in partials]
+    first = sweeps[0]
+    if any(s.cells != first.cells for s in sweeps):
+        raise PatchingError("the prompt shards swept different cells (prompts of different token lengths in a "
+                            "sweep over positions); give prompts of one token length")
+    stats = {key: sum(s.stats[key] for s in sweeps) if isinstance(value, int | float) else value
+             for key, value in first.stats.items()}
+    merged = replace(first, values=torch.cat([s.values for s in sweeps], 1), clean=torch.cat([s.clean for s in sweeps]),
+                     corrupt=torch.cat([s.corrupt for s in sweeps]), timing_s=sum(s.timing_s for s in sweeps),
+                     stats=stats)
+    return PatchOutput(merged, params.per_prompt)
+
+
 PATCH = Analysis("patch", "activation patching sweep: normalised effect per site, layer, position and head",
-                 PatchParams, _patch, task="required", task_source=_aligned_ioi)
+                 PatchParams, _patch, task="required", task_source=_aligned_ioi, shard=ShardSpec(_patch, _merge))

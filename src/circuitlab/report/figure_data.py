@@ -76,6 +76,7 @@ def from_json(text: str) -> list[Heatmap]:
 
 def _panel(ax: Axes) -> Heatmap | None:
     from matplotlib.collections import QuadMesh
+    from matplotlib.colors import Normalize
     from matplotlib.image import AxesImage
 
     meshes = [c for c in ax.collections if isinstance(c, QuadMesh)]
@@ -84,7 +85,7 @@ def _panel(ax: Axes) -> Heatmap | None:
     if len(drawn) != 1 or others:
         return None
     mappable = drawn[0]
-    array = np.ma.masked_invalid(np.ma.asarray(mappable.get_array(), dtype=float))
+    array: np.ma.MaskedArray = np.ma.masked_invalid(np.ma.asarray(mappable.get_array(), dtype=float))
     if array.ndim != 2 or array.size > MAX_CELLS:
         return None
     n_rows, n_cols = array.shape
@@ -97,7 +98,7 @@ def _panel(ax: Axes) -> Heatmap | None:
         step = -height if mappable.origin == "upper" else height
         y_centres = first + (np.arange(n_rows) + 0.5) * step
     else:
-        coords = mappable.get_coordinates()  # [n_rows + 1, n_cols + 1, 2]
+        coords = np.asarray(mappable.get_coordinates())  # [n_rows + 1, n_cols + 1, 2]
         x_centres = (coords[0, :-1, 0] + coords[0, 1:, 0]) / 2
         y_centres = (coords[:-1, 0, 1] + coords[1:, 0, 1]) / 2
     cols = _tick_labels(ax.xaxis, x_centres)
@@ -106,10 +107,13 @@ def _panel(ax: Axes) -> Heatmap | None:
     # display order: columns left to right, rows top to bottom
     col_order = np.argsort(x_centres)[::-1] if ax.xaxis_inverted() else np.argsort(x_centres)
     row_order = np.argsort(y_centres) if ax.yaxis_inverted() else np.argsort(y_centres)[::-1]
-    values = [[_value(array, r, c) for c in col_order] for r in row_order]
-    colors = [["" if array.mask[r, c] else _hex(rgba[r, c]) for c in col_order] for r in row_order]
+    mask = np.ma.getmaskarray(array)  # a full boolean grid even when nothing is masked
+    values = [[_value(array, mask, r, c) for c in col_order] for r in row_order]
+    colors = [["" if mask[r, c] else _hex(rgba[r, c]) for c in col_order] for r in row_order]
     finite = array.compressed()
     norm = mappable.norm
+    if not isinstance(norm, Normalize):  # a multivariate norm colours several grids at once: not a heatmap
+        return None
     vmin = float(norm.vmin) if norm.vmin is not None else float(finite.min()) if finite.size else 0.0
     vmax = float(norm.vmax) if norm.vmax is not None else float(finite.max()) if finite.size else 0.0
     cmap = mappable.get_cmap()
@@ -137,8 +141,8 @@ def _tick_labels(axis: Any, centres: np.ndarray) -> list[str]:
     return labels
 
 
-def _value(array: np.ma.MaskedArray, r: int, c: int) -> float | None:
-    if array.mask[r, c]:
+def _value(array: np.ma.MaskedArray, mask: np.ndarray, r: int, c: int) -> float | None:
+    if mask[r, c]:
         return None
     value = float(array[r, c])
     return value if math.isfinite(value) else None

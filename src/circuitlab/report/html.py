@@ -266,7 +266,7 @@ def _index_row(out: Path, folder: str, description: str, result: Result) -> str:
             f"<td class=num>{result.timing_s:.1f} s</td><td>{thumb}</td></tr>")
 
 
-def render_index(out_dir: str | Path, steps: Sequence[tuple[str, str, Result]]) -> str:
+def render_index(out_dir: str | Path, steps: Sequence[tuple[str, str, Result]], *, title: str = "circuitlab demo") -> str:
     """The index page of a multi-step run: one row per step with its headline numbers and a link."""
     out = Path(out_dir)
     models = list(dict.fromkeys(str(r.model.get("spec", "?")) for _, _, r in steps)) or ["?"]
@@ -278,14 +278,14 @@ def render_index(out_dir: str | Path, steps: Sequence[tuple[str, str, Result]]) 
              ("written", now_text())]
     meta_html = " · ".join(f"{html.escape(k)} <b>{html.escape(v)}</b>" for k, v in meta)
     rows = "".join(_index_row(out, folder, desc, r) for folder, desc, r in steps)
-    body = (f"<h1>circuitlab demo: {html.escape(models[0])}</h1><p class=meta>{meta_html}</p>"
+    body = (f"<h1>{html.escape(title)}: {html.escape(', '.join(models))}</h1><p class=meta>{meta_html}</p>"
             "<div class=scroll><table class=records><tr><th>step</th><th>what</th><th>headline numbers</th>"
             f"<th>time</th><th>plot</th></tr>{rows}</table></div>"
             "<p class=muted>Each step's folder holds its report.html, results.json, results.csv and plots.</p>")
-    return page(f"circuitlab demo: {models[0]}", body)
+    return page(f"{title}: {models[0]}", body)
 
 
-def write_index(out_dir: str | Path, steps: list[tuple[str, str, Result]]) -> Path:
+def write_index(out_dir: str | Path, steps: list[tuple[str, str, Result]], *, title: str = "circuitlab demo") -> Path:
     """index.html linking the report.html of each step folder (folder, description, result).
 
     Each step's report is rewritten with a link back to the index, so the pages link both ways.
@@ -294,4 +294,4 @@ def write_index(out_dir: str | Path, steps: list[tuple[str, str, Result]]) -> Pa
     for folder, _, result in steps:
         if (out / folder).is_dir():
             write_report(result, out / folder, index=f"../{INDEX}")
-    return write_text_atomically(out / INDEX, render_index(out, steps))
+    return write_text_atomically(out / INDEX, render_index(out, steps, title=title))

@@ -27,12 +27,26 @@ _TABLE: dict[str, str] = {
     "path-patch": "circuitlab.graph.analysis:PATH_PATCH",
     "discover/eap": "circuitlab.discovery.analysis:EAP",
     "discover/eap-ig": "circuitlab.discovery.analysis:EAP_IG",
+    "discover/eap-ig-act": "circuitlab.discovery.analysis:EAP_IG_ACT",
     "discover/exact": "circuitlab.discovery.analysis:EXACT",
+    "discover/acdc": "circuitlab.discovery.acdc_analysis:ACDC",
+    "discover/prune": "circuitlab.discovery.prune:PRUNE",
+    "discover/grow": "circuitlab.discovery.grow:GROW",
+    "verify": "circuitlab.verify.analysis:VERIFY",
+    "discover/grad": "circuitlab.discovery.analysis:GRAD",
+    "discover/heads": "circuitlab.discovery.analysis:HEADS",
+    "heads": "circuitlab.heads.analysis:HEADS",
+    "study/ioi": "circuitlab.studies.ioi:IOI",
 }
 
 
 def analysis_names() -> list[str]:
     return list(_TABLE)
+
+
+def sharded_names() -> list[str]:
+    """The analyses that run over prompt shards (``--backend ray``, ``--resume``); imports every entry."""
+    return [name for name in _TABLE if getattr(get_analysis(name), "shard", None) is not None]
 
 
 def get_analysis(name: str) -> Analysis[Any]:

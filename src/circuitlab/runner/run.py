@@ -26,8 +26,10 @@ from circuitlab.models.loading import check_spec
 from circuitlab.models.model import Model
 from circuitlab.models.specs import DEFAULT_SPEC
 from circuitlab.results import AnalysisResult, Result
+from circuitlab.runner.executor import Executor
 from circuitlab.runner.registry import get_analysis
 from circuitlab.runner.rundir import RunDirectory
+from circuitlab.runner.shards import ShardStore, shard_directory
 from circuitlab.tasks.source import TaskSource
 from circuitlab.tasks.task import Task
 
@@ -65,17 +67,20 @@ def _task_source(entry: Analysis[Any], params: object, task: str | Task | TaskSo
 def run(analysis: str, *, model: str | Model = DEFAULT_SPEC, task: str | Task | TaskSource | None = None,
         n: int | None = None, seed: int = 0, metric: str | None = None,
         task_options: dict[str, Any] | None = None, out: str | Path | None = None, force: bool = False,
-        **options: Any) -> Run:
+        executor: Executor | None = None, **options: Any) -> Run:
     """Run the analysis called `analysis` (see `circuitlab.runner.registry`) and, with `out`, write its
     run directory. `options` are the analysis' own (e.g. ``site="z", by="layer,head"`` for ``"patch"``).
 
     Every option, the task description and `out` are checked before the model loads; bad input raises a
-    `CircuitlabError` naming the fix.
+    `CircuitlabError` naming the fix. `executor` (default: this process) may shard the run over Ray workers
+    or make it resumable (see `circuitlab.runner.executor`); the result is the same.
     """
     entry = get_analysis(analysis)
     if "seed" in {f.name for f in fields(entry.params)}:  # randomised analyses (e.g. trace noise) get the seed
         options = {**options, "seed": seed}
     params = entry.make_params(options)
+    if executor is not None:
+        executor.check(entry, params, model, out)
     if not isinstance(model, Model):
         check_spec(model)  # file headers, known names, offline hub ids: milliseconds, no torch import
     source = _task_source(entry, params, task, n=n, seed=seed, metric=metric, task_options=task_options)
@@ -84,7 +89,15 @@ def run(analysis: str, *, model: str | Model = DEFAULT_SPEC, task: str | Task | 
         loaded = model if isinstance(model, Model) else _load(model)
         built = source.build(loaded) if source is not None else None
         start = time.perf_counter()
-        output = entry.compute(loaded, built, params)
+        store = None
+        if executor is not None and executor.sharded:
+            if built is None:
+                raise AnalysisError(f"a sharded run of {entry.name!r} needs a task (its prompts are sharded)")
+            store = ShardStore(shard_directory(out) if out is not None else None)
+            output = executor.compute(entry, model if isinstance(model, str) else loaded.spec, loaded, built,
+                                      params, store)
+        else:
+            output = entry.compute(loaded, built, params)
         elapsed = time.perf_counter() - start
         record = Result(
             command=entry.name, model=loaded.info(), task=built.info() if built is not None else None,
@@ -93,6 +106,8 @@ def run(analysis: str, *, model: str | Model = DEFAULT_SPEC, task: str | Task | 
         )
         if rundir is not None:
             save_run(record, output, rundir.path)
+    if store is not None:  # the run directory is in place: the finished shards are no longer needed
+        store.clear()
     return Run(record, output, loaded, built, Path(out) if out is not None else None)
 
 
@@ -106,6 +121,9 @@ def save_run(result: Result, output: AnalysisResult, directory: str | Path) -> P
     """Write one run into `directory` (a staging directory: the caller makes it whole or absent):
     figures, extra files, results.json, results.csv and report.html. Returns the report's path."""
     from circuitlab.report import write_report
+    from circuitlab.report.figure_data import SUFFIX as HEATMAP_SUFFIX
+    from circuitlab.report.figure_data import heatmaps_of
+    from circuitlab.report.figure_data import to_json as heatmaps_json
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -113,6 +131,11 @@ def save_run(result: Result, output: AnalysisResult, directory: str | Path) -> P
     for name, figure in output.figures().items():
         figure.savefig(directory / name, format=Path(name).suffix.lstrip(".") or "png")
         artifacts.append(name)
+        heatmaps = heatmaps_of(figure)  # the numbers behind a heatmap, for the report's hover values
+        if heatmaps:
+            sidecar = Path(name).stem + HEATMAP_SUFFIX
+            (directory / sidecar).write_text(heatmaps_json(heatmaps), encoding="utf-8")
+            artifacts.append(sidecar)
     files = getattr(output, "files", None)
     for name, text in (files() if callable(files) else {}).items():
         (directory / name).write_text(text, encoding="utf-8")
@@ -120,11 +143,3 @@ def save_run(result: Result, output: AnalysisResult, directory: str | Path) -> P
     result.artifacts = artifacts
     result.save(directory)
     return write_report(result, directory)
-    from circuitlab.report.figure_data import SUFFIX as HEATMAP_SUFFIX
-    from circuitlab.report.figure_data import heatmaps_of
-    from circuitlab.report.figure_data import to_json as heatmaps_json
-        heatmaps = heatmaps_of(figure)  # the numbers behind a heatmap, for the report's hover values
-        if heatmaps:
-            sidecar = Path(name).stem + HEATMAP_SUFFIX
-            (directory / sidecar).write_text(heatmaps_json(heatmaps), encoding="utf-8")
-            artifacts.append(sidecar)

@@ -43,7 +43,8 @@ def test_patch_writes_records_and_heatmap(tmp_path, toy_dir, short_task_file):
     assert layer0_bos["value"] == pytest.approx(0.0, abs=rounding)
     assert max(abs(r["value"]) for r in result.records) > 1e-2  # other cells do move the metric
     assert (out / "heatmap_resid_pre_layer_pos.png").stat().st_size > 1000
-    assert sorted(result.artifacts) == ["heatmap_resid_pre_layer_pos.png", "patching.json"]
+    assert sorted(result.artifacts) == ["heatmap_resid_pre_layer_pos.heatmap.json", "heatmap_resid_pre_layer_pos.png",
+                                        "patching.json"]
     assert result.params["by"] == "layer,pos" and result.params["max_batch"] == 5
 
 

@@ -20,7 +20,7 @@ def test_path_patch_writes_layer_by_head_records(tmp_path, toy_dir, task_file, t
     assert measured == {(0, h) for h in range(toy.n_heads)}  # only layer-0 heads feed layer-1 queries
     assert len(result.records) == toy.n_layers * toy.n_heads  # the full grid; cells with no edge are null
     assert result.command == "path-patch" and result.params["receivers"] == "a1.h*<q>"
-    assert result.artifacts == ["path_patching.png"] and (out / "path_patching.png").is_file()
+    assert result.artifacts == ["path_patching.png", "path_patching.heatmap.json"] and (out / "path_patching.png").is_file()
     assert (out / "report.html").is_file()
 
 

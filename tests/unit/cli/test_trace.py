@@ -34,7 +34,9 @@ def test_cli_trace(tmp_path, toy_dir):
     assert result.seed == 3 and result.task is None
     assert {r["kind"] for r in result.records} == {"resid", "mlp", "attn"}
     assert len(result.records) == 3 * 7 * 2  # kinds x positions x layers
-    assert sorted(result.artifacts) == ["trace_attn.png", "trace_mlp.png", "trace_resid.png"]
+    pictures = ["trace_attn.png", "trace_mlp.png", "trace_resid.png"]
+    assert [a for a in sorted(result.artifacts) if a.endswith(".png")] == pictures
+    assert {a for a in result.artifacts if a.endswith(".heatmap.json")} == {p[:-4] + ".heatmap.json" for p in pictures}
     assert all((out / f"trace_{k}.png").stat().st_size > 1000 for k in ("resid", "mlp", "attn"))
     # The last layer's output at the last token restores the clean probability.
     last = next(r for r in result.records if r["kind"] == "resid" and r["layer"] == 1 and r["pos"] == 6)
@@ -106,7 +108,8 @@ def test_cli_trace_task_average(tmp_path, toy_dir, toy_facts):
     result = load_results(out)
     assert result.command == "trace/average" and result.task["n"] == 2 and result.summary["n_prompts"] == 2
     assert {r["group"] for r in result.records} == set(TOKEN_GROUPS)
-    assert result.artifacts == ["aie_resid.png"] and (out / "aie_resid.png").stat().st_size > 1000
+    assert result.artifacts == ["aie_resid.png", "aie_resid.heatmap.json"]
+    assert (out / "aie_resid.png").stat().st_size > 1000
     assert result.summary["aggregate"] == "token" and result.summary["noise"] == "subject"
     res = runner.invoke(app, ["trace", "--model", str(toy_dir), "--task", toy_facts, "--kind", "resid",
                               "--samples", "2", "--aggregate", "prompt", "--out", str(tmp_path / "by_prompt")])

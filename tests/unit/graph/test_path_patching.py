@@ -188,7 +188,7 @@ def test_runner_writes_the_run_directory(toy, tmp_path):
     done = run("path-patch", model=toy, task=Task("long", [LONG, SHORT]), receivers="logits", chunk=4,
                out=tmp_path / "pp")
     assert done.result.params == {"receivers": "logits", "chunk": 4, "method": "auto", "max_batch": 256}
-    assert done.result.artifacts == [FIGURE] and (tmp_path / "pp" / FIGURE).is_file()
+    assert done.result.artifacts == [FIGURE, FIGURE.replace(".png", ".heatmap.json")] and (tmp_path / "pp" / FIGURE).is_file()
     # into the logits every sender is swept: the head grid, the input and each MLP
     n_senders = toy.n_layers * toy.n_heads + 1 + toy.n_layers
     assert done.result.summary["n_prompts"] == 2 and len(done.result.records) == n_senders

@@ -40,7 +40,7 @@ def test_cli_lens(tmp_path, toy, toy_dir):
     n_pos = len(toy.to_tokens(PROMPT)[0])
     assert result.command == "lens" and len(result.records) == (toy.n_layers + 1) * n_pos
     assert result.params == {"prompt": PROMPT, "target": "Mary", "top_k": 3}
-    assert (out / "lens.png").is_file() and result.artifacts == ["lens.png"] and result.summary["target"] == "Mary"
+    assert (out / "lens.png").is_file() and result.artifacts == ["lens.png", "lens.heatmap.json"] and result.summary["target"] == "Mary"
     res = runner.invoke(app, args)  # the same --out again: refused without --force ...
     assert res.exit_code == 2 and "--force" in res.output
     res = runner.invoke(app, [*args, "--force"])  # ... and replaced whole with it

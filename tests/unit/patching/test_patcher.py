@@ -202,7 +202,8 @@ def test_result_records_json_and_run_patch(gqa, tmp_path):
     assert saved["summary"]["n_cells"] == len(sweep.cells) and saved["summary"]["site"] == "z"
     assert (out / "heatmap_z_layer_pos.png").stat().st_size > 1000
     assert (out / "heatmap_z_layer_head.png").stat().st_size > 1000
-    assert sorted(saved["artifacts"]) == ["heatmap_z_layer_head.png", "heatmap_z_layer_pos.png", "patching.json"]
+    assert sorted(saved["artifacts"]) == ["heatmap_z_layer_head.heatmap.json", "heatmap_z_layer_head.png",
+                                      "heatmap_z_layer_pos.heatmap.json", "heatmap_z_layer_pos.png", "patching.json"]
     back = PatchingResult.from_json((out / "patching.json").read_text())
     assert back.cells == sweep.cells and torch.equal(back.values, sweep.values)  # JSON keeps every float32 bit
     frame = pd.read_csv(out / "results.csv")

@@ -1,0 +1,58 @@
+"""`--backend ray` on a local 2-worker cluster (1 thread each), started once for this module: records equal to
+the one-process run on a toy model and on SmolLM2, a worker that dies mid-run, and resume after a failure."""
+
+from __future__ import annotations
+
+import pytest
+from unit.runner.test_executor import assert_same_records, names_task
+
+from circuitlab.runner import run
+from circuitlab.runner.executor import Executor, Fault
+from circuitlab.runner.shards import shard_directory
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray cluster for every test here (start-up costs seconds); the runs join it."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def ray_executor(**options) -> Executor:
+    return Executor(backend="ray", workers=2, threads_per_worker=1, shard_size=3, **options)
+
+
+def test_toy_runs_on_ray_equal_the_local_run_and_survive_a_dead_worker(cluster, toy, toy_dir, tmp_path):
+    task = names_task(7)
+    options = {"site": "z", "by": "layer,head", "per_prompt": True}
+    local = run("patch", model=toy, task=task, **options)
+    # shard 1's worker process exits mid-run (as when a machine dies): Ray restarts it and retries the shard
+    dying = ray_executor(fault=Fault("exit-once", 1, str(tmp_path / "died")))
+    done = run("patch", model=str(toy_dir), task=task, out=tmp_path / "out", executor=dying, **options)
+    assert (tmp_path / "died").exists()
+    assert_same_records(local.result.records, done.result.records)
+    assert not shard_directory(tmp_path / "out").exists()
+
+
+def test_ray_run_resumes_after_a_failing_shard(cluster, toy, toy_dir, tmp_path):
+    task, out = names_task(7), tmp_path / "out"
+    options = {"top_n": 5, "curve": False}
+    failing = ray_executor(fault=Fault("raise-always", 2, str(tmp_path / "marker")))
+    with pytest.raises(Exception, match="shard 2 failed 2 times"):
+        run("discover/eap", model=str(toy_dir), task=task, out=out, executor=failing, **options)
+    assert len(list(shard_directory(out).iterdir())) == 2 and not out.exists()
+    resumed = run("discover/eap", model=str(toy_dir), task=task, out=out, executor=ray_executor(resume=True),
+                  **options)
+    assert_same_records(run("discover/eap", model=toy, task=task, **options).result.records,
+                        resumed.result.records)
+
+
+def test_smollm_dla_on_ray_equals_the_local_run(cluster, smollm, tmp_path):
+    local = run("attribute/dla", model=smollm, task="ioi", n=4)
+    sharded = run("attribute/dla", model="smollm2-135m", task="ioi", n=4, out=tmp_path / "out",
+                  executor=Executor(backend="ray", workers=2, shard_size=2))
+    assert_same_records(local.result.records, sharded.result.records)
+    assert sharded.result.summary["n_prompts"] == 4
