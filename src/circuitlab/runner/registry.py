@@ -37,6 +37,8 @@ _TABLE: dict[str, str] = {
     "discover/heads": "circuitlab.discovery.analysis:HEADS",
     "heads": "circuitlab.heads.analysis:HEADS",
     "study/ioi": "circuitlab.studies.ioi:IOI",
+    "study/induction": "circuitlab.studies.induction:INDUCTION",
+    "study/qa": "circuitlab.studies.qa:QA",
 }
 
 
