@@ -204,8 +204,10 @@ def eval_cmd(task: TaskOpt = "ioi", model: ModelOpt = DEFAULT_SPEC, out: Path = 
 def demo(model: ModelOpt = DEFAULT_SPEC, out: Path = OutOpt("out/demo"), n: NOpt = 32, seed: SeedOpt = 0,
          patch_n: Annotated[int, typer.Option("--patch-n", help="IOI prompts for the patching sweeps")] = 8,
          force: ForceOpt = False) -> None:
-    """The main job on IOI: evaluation table, then resid_pre (layer x position) and per-head z activation
-    patching heatmaps; each step writes its own folder under --out with results.json and report.html."""
+    """The main job on IOI, the whole pipeline: evaluation, activation patching heatmaps, path patching into
+    the logits, the EAP-IG circuit and its faithfulness curve, its verification on held-out prompts, head
+    detectors, the IOI head roles and the induction case study; each step writes its own folder under --out
+    (results.json, report.html) and index.html links them."""
     from circuitlab.report.terminal import print_result
     from circuitlab.runner.demo import run_demo
 
