@@ -108,6 +108,22 @@ def task_file(tmp_path_factory):
     return path
 
 
+# A two-prompt IOI-like task in the toy vocabulary, shared by the discovery and head-analysis tests.
+NAMES_ROWS = [
+    ("When Mary and John went to the store , John gave a drink to",
+     "When Tom and Anna went to the store , Paul gave a drink to", " Mary", " John"),
+    ("When John and Mary went to the store , Mary gave a drink to",
+     "When Tom and Anna went to the store , Paul gave a drink to", " John", " Mary"),
+]
+
+
+@pytest.fixture(scope="module")
+def names_task():
+    from circuitlab.tasks.task import Example, Task
+
+    return Task("names", [Example(clean, corrupt, [answer], [wrong]) for clean, corrupt, answer, wrong in NAMES_ROWS])
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if "integration" in str(item.fspath):

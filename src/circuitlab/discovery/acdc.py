@@ -54,8 +54,8 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Float, Int
 
-from circuitlab.discovery.metrics import DiscoveryMetric, check_metric_name, discovery_metric
-from circuitlab.discovery.scores import BatchInputs, at_read_positions, check_ablation
+from circuitlab.discovery.metrics import DiscoveryMetric
+from circuitlab.discovery.scores import BatchInputs, at_read_positions, scoring_setup
 from circuitlab.errors import DiscoveryError
 from circuitlab.graph.circuit import Circuit
 from circuitlab.graph.graph import Graph
@@ -63,7 +63,6 @@ from circuitlab.graph.masked import CleanRun, MaskedEdgeEngine
 from circuitlab.graph.naming import QKV, head_name, mlp_name, receiver_name
 from circuitlab.models.model import Model
 from circuitlab.progress import progress_bar
-from circuitlab.tasks.metrics import needs_answers
 from circuitlab.tasks.task import PreparedTask, Task
 
 DEFAULT_TAU = 0.01
@@ -279,15 +278,7 @@ class _Search:
 def _setup(model: Model, task: Task | PreparedTask, *, tau: float, ablation: str, metric: str | None,
            positions: str, graph: Graph | None) -> tuple[PreparedTask, MaskedEdgeEngine, DiscoveryMetric]:
     check_tau(tau)
-    check_ablation(ablation)
-    check_metric_name(metric, positions)
-    prepared = task if isinstance(task, PreparedTask) else task.prepare(model)
-    engine = MaskedEdgeEngine(model, graph)
-    scorer = discovery_metric(prepared, metric, positions)
-    if not scorer.needs_reference and needs_answers(scorer.name) and not prepared.task.has_answers:
-        raise DiscoveryError(f"task {prepared.task.name!r} has examples without an answer, which the metric "
-                             f"{scorer.name!r} scores; give every example an answer, or score with kl or l2")
-    return prepared, engine, scorer
+    return scoring_setup(model, task, ablation=ablation, metric=metric, positions=positions, graph=graph)
 
 
 def _run(model: Model, task: Task | PreparedTask, variant: str, *, tau: float, ablation: str, metric: str | None,

@@ -158,6 +158,21 @@ def check_steps(steps: int) -> int:
     return steps
 
 
+def scoring_setup(model: Model, task: Task | PreparedTask, *, ablation: str, metric: str | None, positions: str,
+                  graph: Graph | None) -> tuple[PreparedTask, MaskedEdgeEngine, DiscoveryMetric]:
+    """Checked options, the prepared task, the masked engine and the metric that every edge-scoring method
+    (and ACDC) starts from; a task metric that reads answers needs a task that has them."""
+    check_ablation(ablation)
+    check_metric_name(metric, positions)
+    prepared = task if isinstance(task, PreparedTask) else task.prepare(model)
+    engine = MaskedEdgeEngine(model, graph)
+    scorer = discovery_metric(prepared, metric, positions)
+    if not scorer.needs_reference and needs_answers(scorer.name) and not prepared.task.has_answers:
+        raise DiscoveryError(f"task {prepared.task.name!r} has examples without an answer, which the metric "
+                             f"{scorer.name!r} scores; give every example an answer, or score with kl or l2")
+    return prepared, engine, scorer
+
+
 # --- the verb ------------------------------------------------------------------------------------------
 
 def edge_scores(model: Model, task: Task | PreparedTask, *, method: str = "eap-ig", ablation: str = "corrupt",
@@ -172,15 +187,9 @@ def edge_scores(model: Model, task: Task | PreparedTask, *, method: str = "eap-i
     backward) or edges (exact; default: about 256 MB of logits).
     """
     check_method(method)
-    check_ablation(ablation)
-    check_metric_name(metric, positions)
     check_steps(steps)
-    prepared = task if isinstance(task, PreparedTask) else task.prepare(model)
-    engine = MaskedEdgeEngine(model, graph)
-    scorer = discovery_metric(prepared, metric, positions)
-    if not scorer.needs_reference and needs_answers(scorer.name) and not prepared.task.has_answers:
-        raise DiscoveryError(f"task {prepared.task.name!r} has examples without an answer, which the metric "
-                             f"{scorer.name!r} scores; give every example an answer, or score with kl or l2")
+    prepared, engine, scorer = scoring_setup(model, task, ablation=ablation, metric=metric, positions=positions,
+                                             graph=graph)
     total = torch.zeros(engine.graph.n_edges)
     full = 0.0
     points = [] if method == "exact" else gradient_points(engine.graph, method, steps)
