@@ -65,9 +65,10 @@ def demo_steps(n: int, patch_n: int) -> list[Step]:
              "discover/eap-ig", n=patch_n),
         Step("verify", "verification of the EAP-IG circuit on held-out prompts: faithfulness, KL, consistency, "
              "completeness, minimality, perturbation (95% CIs)", "verify",
-             # a lighter completeness search and the corrupt ablation only keep the demo within minutes;
-             # `circuitlab verify` runs the full search under every ablation
-             {"circuit": Output("discover", "circuit.json"), "split": "test", "subsets": 4, "greedy_steps": 1,
+             # random completeness subsets without the greedy search (2 masked runs per node of the circuit,
+             # minutes on SmolLM2) and the corrupt ablation only keep the demo within minutes; `circuitlab
+             # verify` runs the full search under every ablation
+             {"circuit": Output("discover", "circuit.json"), "split": "test", "subsets": 4, "greedy_steps": 0,
               "all_ablations": False}, n=2 * patch_n),
         Step("heads", "head detectors (previous-token, duplicate-token, induction, BOS) and composition scores",
              "heads", task=None),
