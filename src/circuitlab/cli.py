@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypedDict
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -361,23 +361,6 @@ _DISCOVER_FLAGS = {"score_metric": "--metric", "positions": "--positions", "abla
                    "seed_nodes": "--seed-nodes", "max_edges": "--max-edges"}
 
 
-class _DiscoverOptions(TypedDict, total=False):
-    """The `discover` options given on the command line; one left out keeps the method's default."""
-
-    score_metric: str
-    positions: str
-    ablation: str
-    top_n: int
-    threshold: float
-    target_faithfulness: float
-    greedy: bool
-    steps: int
-    tau: float
-    target_edges: int
-    max_edges: int
-    seed_nodes: tuple[str, ...]
-
-
 @app.command(epilog="Examples: circuitlab discover --method eap --task ioi --n 8 --top-n 200 --out out/discover\n\n"
              "circuitlab discover --method eap-ig --steps 5 --metric kl --target-faithfulness 0.8\n\n"
              "circuitlab discover --method acdc --tau 0.02 --metric kl --task induction --n 8")
@@ -416,31 +399,12 @@ def discover(
     """Circuit discovery: score edges (EAP, EAP-IG, exact effects), remove them greedily (ACDC), learn an edge
     mask (prune), rank parameters (grad) or heads (heads), or grow a circuit from seed nodes (grow); write
     circuit.json (EAP-IG / MIB layout), its picture and its faithfulness."""
-    options: _DiscoverOptions = {}  # only the options given: the rest keep the method's defaults
-    if metric is not None:
-        options["score_metric"] = metric
-    if positions is not None:
-        options["positions"] = positions
-    if ablation is not None:
-        options["ablation"] = ablation
-    if top_n is not None:
-        options["top_n"] = top_n
-    if threshold is not None:
-        options["threshold"] = threshold
-    if target is not None:
-        options["target_faithfulness"] = target
-    if greedy:
-        options["greedy"] = True
-    if steps is not None:
-        options["steps"] = steps
-    if tau is not None:
-        options["tau"] = tau
-    if target_edges is not None:
-        options["target_edges"] = target_edges
-    if max_edges is not None:
-        options["max_edges"] = max_edges
-    if seed_nodes:
-        options["seed_nodes"] = tuple(s.strip() for s in seed_nodes.split(",") if s.strip())
+    given = {"score_metric": metric, "positions": positions, "ablation": ablation, "top_n": top_n,
+             "threshold": threshold, "target_faithfulness": target, "greedy": greedy or None, "steps": steps,
+             "tau": tau, "target_edges": target_edges, "max_edges": max_edges,
+             "seed_nodes": tuple(s.strip() for s in seed_nodes.split(",") if s.strip()) if seed_nodes else None}
+    # only the options given: the rest keep the method's defaults (values are the method's own option types)
+    options: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
     with user_errors():
         if method not in DISCOVERY_METHODS:
             raise CircuitlabError(f"unknown discovery method {method!r}; choose one of {', '.join(DISCOVERY_METHODS)}")

@@ -47,7 +47,7 @@ from circuitlab.discovery.scores import (
     check_ablation,
     gradient_rows,
 )
-from circuitlab.discovery.selection import top_n_mask
+from circuitlab.discovery.selection import check_edge_count, top_n_mask
 from circuitlab.errors import DiscoveryError
 from circuitlab.graph.circuit import Circuit
 from circuitlab.graph.graph import Graph
@@ -101,12 +101,7 @@ class PruneParams:
 
 def check_target_edges(target: int, graph: Graph | None = None) -> int:
     """A positive edge count, at most the graph's size when the graph is known."""
-    if isinstance(target, bool) or not isinstance(target, int) or target < 1:
-        raise DiscoveryError(f"target edges must be a positive integer number of edges, got {target!r}")
-    if graph is not None and target > graph.n_edges:
-        raise DiscoveryError(f"target edges {target} is larger than the graph, which has {graph.n_edges} edges "
-                             f"({graph.shape.describe()}); choose at most {graph.n_edges}")
-    return target
+    return check_edge_count(target, "target edges", graph, minimum=1)
 
 
 def default_target(graph: Graph) -> int:

@@ -33,13 +33,19 @@ def ranking_key(scores: EdgeVector, absolute: bool = True) -> EdgeVector:
     return torch.nan_to_num(key, nan=-math.inf)
 
 
-def check_top_n(n: int, graph: Graph | None = None) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise DiscoveryError(f"top-n must be a non-negative integer number of edges, got {n!r}")
+def check_edge_count(n: int, what: str, graph: Graph | None = None, *, minimum: int = 0) -> int:
+    """An edge count `what` (e.g. "top-n") of at least `minimum`, at most the graph's size when it is known."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < minimum:
+        kind = "non-negative" if minimum == 0 else "positive"
+        raise DiscoveryError(f"{what} must be a {kind} integer number of edges, got {n!r}")
     if graph is not None and n > graph.n_edges:
-        raise DiscoveryError(f"top-n {n} is larger than the graph, which has {graph.n_edges} edges "
+        raise DiscoveryError(f"{what} {n} is larger than the graph, which has {graph.n_edges} edges "
                              f"({graph.shape.describe()}); choose at most {graph.n_edges}")
     return n
+
+
+def check_top_n(n: int, graph: Graph | None = None) -> int:
+    return check_edge_count(n, "top-n", graph)
 
 
 def check_threshold(threshold: float) -> float:
