@@ -1,16 +1,26 @@
 """ACDC: batched (restarted runs + speculative batches) vs sequential (one full masked run per edge).
 
-Part 1 (same graph, same tau): the trained ground-truth induction model (attention only, 2 layers) on
-repeated random tokens; runs `acdc` and `acdc_sequential`, asserts they keep the same
-circuit edge for edge, and prints wall times, forwards and the ratio (goal >= 10x).
+Part 1 (same graph, same tau; the baseline is `acdc_sequential`, run in the same process): `acdc` and
+`acdc_sequential` on the same graph, prompts and tau; asserts they keep the same circuit edge for edge
+(an edge whose damage lies within float32 rounding of tau may go either way: such edges are counted and
+shown apart) and prints wall times, forwards, circuits evaluated and the ratio (goal >= 10x). Graphs:
+- "trained": the trained ground-truth induction model (attention only, 2 layers, 81 edges), --n prompts;
+- "wide": a seeded random native model, 8 layers x 8 heads, d_model 32, MLPs (6,637 edges), on repeated
+  random tokens (4 per copy), at each of --wide-n prompt counts and tau --wide-tau.
+Where the time goes: a masked forward costs a fixed per-forward part (the bridge's Python, hooks) plus a
+part per row (circuits x prompts). Batching divides the first by the candidates per forward; restarts
+save the blocks before the receiver's layer, which in the sequential run are plain (cheap) blocks. So the
+ratio is largest when the fixed part dominates (many edges per receiver, few short prompts) and falls
+toward ~2x as rows dominate (the speculative batches evaluate about twice the circuits, restarts save
+about half the blocks).
 Part 2 (SmolLM2-135M, IOI, one template): `acdc` on the first `--receivers` receivers in ACDC's order,
 timed per receiver, and a PROJECTION of the full run: each receiver's time is modelled as proportional
 to (its incoming edges) x (blocks its runs replay: n_layers - layer, and 0.3 for the logits' final norm
 and unembedding), fitted on the measured receivers. The projection assumes the measured receivers'
 speculation hit rate holds everywhere; read it as an order of magnitude. `--full` runs the whole graph.
 
-Run: .venv/bin/python benchmarks/acdc.py [--n 8] [--tau 0.01] [--ablation corrupt]
-         [--smollm-n 4] [--receivers 3] [--full] [--skip-smollm] [--threads N]
+Run: .venv/bin/python benchmarks/acdc.py [--n 8] [--tau 0.01] [--ablation corrupt] [--wide-n 1 4]
+         [--wide-tau 1e-4] [--skip-wide] [--smollm-n 4] [--receivers 3] [--full] [--skip-smollm] [--threads N]
 The machine may be shared: timings wobble, the ratio is the number to read.
 """
 
@@ -22,27 +32,43 @@ import time
 import torch
 
 
-def part_same_graph(args: argparse.Namespace) -> None:
+def compare(label: str, model, prepared, tau: float, ablation: str) -> None:  # noqa: ANN001 (Model, PreparedTask)
+    """Batched vs sequential ACDC on one graph: times, forwards, circuits, ratio, same circuit."""
     from circuitlab.discovery.acdc import acdc, acdc_sequential
-    from circuitlab.discovery.ground_truth import TRAINED, load_ground_truth
 
-    model, task, _ = load_ground_truth(TRAINED, n=args.n)
-    prepared = task.prepare(model)
-    acdc(model, prepared, tau=args.tau, ablation=args.ablation, receivers=1)  # warm-up (self-check)
+    acdc(model, prepared, tau=tau, ablation=ablation, receivers=1)  # warm-up (engine, self-check)
     start = time.perf_counter()
-    fast = acdc(model, prepared, tau=args.tau, ablation=args.ablation)
+    fast = acdc(model, prepared, tau=tau, ablation=ablation)
     t_fast = time.perf_counter() - start
     start = time.perf_counter()
-    plain = acdc_sequential(model, prepared, tau=args.tau, ablation=args.ablation)
+    plain = acdc_sequential(model, prepared, tau=tau, ablation=ablation)
     t_plain = time.perf_counter() - start
-    same = torch.equal(fast.in_graph, plain.in_graph)
-    print(f"[same graph] {model.spec}: {fast.graph.n_edges} edges, {prepared.n_prompts} prompts, tau {args.tau}, "
-          f"ablation {args.ablation}, metric {fast.metric}")
+    differ = (fast.in_graph != plain.in_graph).nonzero().flatten()
+    # an edge tested at damage within float32 rounding of tau may be decided either way (acdc's docstring)
+    scale = max(abs(plain.full_metric), abs(plain.final_metric), tau, 1e-12)
+    margin = 64 * torch.finfo(torch.float32).eps * scale
+    at_tau = [int(e) for e in differ if abs(abs(float(plain.scores[e])) - tau) <= margin]
+    print(f"[{label}] {fast.graph.n_edges} edges, {prepared.n_prompts} prompts, tau {tau:g}, ablation {ablation}, "
+          f"metric {fast.metric}")
     print(f"  sequential (baseline): {t_plain:8.2f} s  {plain.n_forwards:6d} forwards  {plain.n_circuits:6d} circuits")
     print(f"  batched              : {t_fast:8.2f} s  {fast.n_forwards:6d} forwards  {fast.n_circuits:6d} circuits")
-    print(f"  ratio sequential / batched: {t_plain / t_fast:.1f}x   circuit: {fast.n_edges} edges, "
-          f"same edge for edge: {same}")
-    assert same, "batched and sequential ACDC kept different circuits"
+    print(f"  ratio sequential / batched: {t_plain / t_fast:.1f}x   circuit: {fast.n_edges} edges; edges decided "
+          f"differently: {len(differ)} ({len(at_tau)} of them at tau within rounding)")
+    assert len(differ) == len(at_tau), "batched and sequential ACDC kept different circuits"
+
+
+def part_same_graph(args: argparse.Namespace) -> None:
+    from circuitlab.discovery.ground_truth import TRAINED, load_ground_truth, repeated_tokens_task
+    from circuitlab.models.toy import toy_model
+
+    model, task, _ = load_ground_truth(TRAINED, n=args.n)
+    compare(f"trained {model.spec}", model, task.prepare(model), args.tau, args.ablation)
+    if args.skip_wide:
+        return
+    wide = toy_model(n_layers=8, n_heads=8, d_model=32, d_head=4, d_mlp=128, d_vocab=64, n_ctx=32, seed=1)
+    for n in args.wide_n:
+        prepared = repeated_tokens_task(64, n=n, seq_len=4).prepare(wide)
+        compare("wide 8 layers x 8 heads, d_model 32", wide, prepared, args.wide_tau, args.ablation)
 
 
 def part_smollm(args: argparse.Namespace) -> None:
@@ -84,6 +110,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--tau", type=float, default=0.01)
     parser.add_argument("--ablation", default="corrupt")
+    parser.add_argument("--wide-n", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--wide-tau", type=float, default=1e-4)
+    parser.add_argument("--skip-wide", action="store_true")
     parser.add_argument("--smollm-n", type=int, default=4)
     parser.add_argument("--receivers", type=int, default=3)
     parser.add_argument("--full", action="store_true")

@@ -30,8 +30,9 @@ tested edge.
   unembedding run). No re-recording is needed.
 - **speculative batching**: the candidates of one receiver run as one batch of circuits, where candidate
   i is tested against the circuit that the *predicted* decisions of candidates 0..i-1 leave. The first
-  batch holds every candidate and predicts "kept" for each (each tested against the current circuit);
-  later batches predict each edge's decision from its latest evaluation and hold about twice as many
+  batch holds every candidate and predicts for each the decision most edges tested so far in the run got
+  ("kept" at the start: each candidate tested against the current circuit; most later receivers lose
+  most of their edges, so "removed" there makes fewer rows wasted); later batches predict each edge's decision from its latest evaluation and hold about twice as many
   candidates as the last batch accepted. Decisions are accepted in order while they match
   their predictions; the first that does not is still correct (its circuit assumed only correct
   decisions), so it is accepted too, and the remaining candidates are evaluated again from the new
@@ -249,6 +250,12 @@ class _Search:
         by_sender = torch.argsort(graph.edge_src, stable=True)
         self.outgoing = list(torch.split(by_sender, torch.bincount(graph.edge_src, minlength=graph.n_senders).tolist()))
         self.steps: list[ReceiverStep] = []
+        self.n_tested = 0  # edges tested so far, and how many of them were removed
+        self.n_removed = 0
+
+    def removal_likely(self) -> bool:
+        """Whether most edges tested so far were removed: the guess for an edge not evaluated yet."""
+        return 2 * self.n_removed > self.n_tested
 
     def damage(self, metric: float, reference: float) -> float:
         """How much worse `metric` is than `reference` (positive = worse)."""
@@ -268,9 +275,11 @@ class _Search:
         """Record edge's test (its metric without it against its reference); remove it when ACDC's rule
         says so. Returns whether it was removed."""
         self.scores[edge] = metric - reference
+        self.n_tested += 1
         if self.removes(metric, reference):
             self.coefficients[edge] = 0.0
             self.current = metric
+            self.n_removed += 1
             return True
         return False
 
@@ -331,7 +340,7 @@ def _test_sequential(search: _Search, evaluate: CircuitMetric, edges: EdgeIds) -
 def _test_batched(search: _Search, evaluate: CircuitMetric, edges: EdgeIds) -> int:
     """The edges of one receiver in speculative batches (module docstring). Returns the edges removed."""
     pending = edges.tolist()
-    predicted = [False] * len(pending)  # first batch: every candidate against the current circuit
+    predicted = [search.removal_likely()] * len(pending)  # first batch: the run's majority decision so far
     window = len(pending)
     removed = 0
     while pending:
