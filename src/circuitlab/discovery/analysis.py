@@ -45,7 +45,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 DEFAULT_TARGET = 0.8
-MAX_DRAWN_EDGES = 300  # a picture of thousands of arrows shows nothing; the strongest ones are drawn
 
 
 @dataclass(frozen=True)
@@ -147,12 +146,10 @@ class Discovery:
         return figures
 
     def files(self) -> dict[str, str]:
-        from circuitlab.graph.draw import _edge_widths, to_dot
+        from circuitlab.graph.draw import circuit_dot
 
         drawn, _ = self._drawn()
-        ids = drawn.in_graph.nonzero().flatten().tolist()
-        return {"circuit.json": self.circuit_json(),
-                "circuit.dot": to_dot(drawn, ids, _edge_widths(drawn, ids, 0.4, 4.0))}
+        return {"circuit.json": self.circuit_json(), "circuit.dot": circuit_dot(drawn)}
 
     def circuit_json(self) -> str:
         """The EAP-IG / MIB layout: every edge with its score and in_graph, node scores (in + out |score|)."""
@@ -161,12 +158,10 @@ class Discovery:
         return json.dumps(data)
 
     def _drawn(self) -> tuple[Circuit, str]:
-        if self.circuit.n_edges <= MAX_DRAWN_EDGES:
-            return self.circuit, ""
-        key = torch.where(self.circuit.in_graph, self.scoring.scores.abs().nan_to_num(0.0), -1.0)
-        mask = torch.zeros_like(self.circuit.in_graph)
-        mask[torch.topk(key, MAX_DRAWN_EDGES).indices] = True
-        return Circuit(self.circuit.graph, mask, self.circuit.scores), f" (strongest {MAX_DRAWN_EDGES} drawn)"
+        """The strongest edges (|score|) when the circuit has too many to draw."""
+        from circuitlab.graph.draw import drawn_subset
+
+        return drawn_subset(self.circuit, self.scoring.scores.abs().nan_to_num(0.0))
 
 
 def discover(model: Model, task: Task, method: str, params: DiscoverParams) -> Discovery:

@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float
 
 from circuitlab.discovery.metrics import check_metric_name
-from circuitlab.discovery.param_grad import NodeDiscovery, measure_nodes
+from circuitlab.discovery.nodes import NodeDiscovery, measure_nodes
 from circuitlab.discovery.selection import check_threshold, check_top_n
 from circuitlab.errors import DiscoveryError
 from circuitlab.graph.graph import Graph

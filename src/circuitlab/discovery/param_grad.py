@@ -28,26 +28,21 @@ See docs/METHODS.md, "Parameter-gradient importance".
 
 from __future__ import annotations
 
-import json
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from jaxtyping import Bool
 
-from circuitlab.discovery.faithfulness import CircuitEvaluator, FaithfulnessCurve
 from circuitlab.discovery.metrics import DISTANCE_METRICS, check_metric_name, discovery_metric
+from circuitlab.discovery.nodes import NodeDiscovery, measure_nodes
 from circuitlab.discovery.selection import check_top_n
 from circuitlab.errors import DiscoveryError
-from circuitlab.graph.circuit import Circuit
 from circuitlab.graph.graph import Graph
-from circuitlab.graph.mib_json import to_mib_dict
 from circuitlab.graph.naming import head_name, mlp_name
 from circuitlab.models.model import Model
-from circuitlab.progress import progress_bar, status
+from circuitlab.progress import progress_bar
 from circuitlab.tasks.task import PreparedTask, Task
 
 if TYPE_CHECKING:
@@ -55,8 +50,6 @@ if TYPE_CHECKING:
 
 FLAG_STDS = 3.0  # flagged: above mean + 3 std of the node's kind
 HEAD_VIEWS = (("W_Q", "b_Q", False), ("W_K", "b_K", True), ("W_V", "b_V", True))  # (weight, bias, per kv head)
-MAX_DRAWN_EDGES = 300
-NODE_CURVE_POINTS = 12  # node-count grid of the faithfulness curve of node-level methods
 
 
 def check_grad_metric(metric: str | None) -> str | None:
@@ -256,124 +249,6 @@ def grad_importance(model: Model, task: Task | PreparedTask, *, metric: str | No
         if p not in owned:
             rest.add(p.detach(), grad)
     return GradImportance(nodes, kinds, layers, heads, sums, rest, name, value, prepared.n_prompts)
-
-
-# --- node-level circuits (shared with the head map) --------------------------------------------------------
-
-def node_mask(graph: Graph, nodes: list[str] | set[str]) -> Bool[torch.Tensor, " edge"]:
-    """The edges among `nodes`, from the input into them and from them into the logits (the input and the
-    logits are always in a node-level circuit; the direct input -> logits edge too)."""
-    keep = set(nodes) | {"input", "logits"}
-    for node in nodes:
-        graph.check_node(node)
-    sender_in = torch.tensor([s in keep for s in graph.senders])
-    receiver_in = torch.tensor([r.split("<")[0] in keep for r in graph.receivers])
-    return sender_in[graph.edge_src] & receiver_in[graph.edge_dst]
-
-
-def node_curve(evaluator: CircuitEvaluator, ranked: list[str], always: Sequence[str] = ()) -> FaithfulnessCurve:
-    """Faithfulness of the circuits of the top-k ranked nodes (plus `always`) for k on a grid of node counts,
-    plotted against their edge fraction; the first and last points are k = 0 and every node."""
-    graph = evaluator.graph
-    n = len(ranked)
-    counts = sorted({round(n * i / (NODE_CURVE_POINTS - 1)) for i in range(NODE_CURVE_POINTS)} | {0, 1, 2, n})
-    counts = [k for k in counts if k <= n]
-    masks = torch.stack([node_mask(graph, [*always, *ranked[:k]]) for k in counts])
-    metric = evaluator.metric(masks)
-    faithful = (metric - evaluator.empty) / (evaluator.full - evaluator.empty)
-    sizes = [int(m.sum()) for m in masks]
-    return FaithfulnessCurve(sizes, [s / graph.n_edges for s in sizes], faithful.tolist(), metric.tolist(),
-                             evaluator.full, evaluator.empty, evaluator.scorer.name)
-
-
-@dataclass
-class NodeDiscovery:
-    """A node-level discovery run: the node ranking (`nodes` records), the circuit of the kept nodes, its
-    faithfulness (NaN when undefined) and the faithfulness curve over node counts (None when undefined)."""
-
-    method: str
-    circuit: Circuit
-    kept: list[str]
-    node_scores: dict[str, float]
-    node_records: list[dict[str, Any]]
-    faithfulness: float
-    curve: FaithfulnessCurve | None
-    selection: tuple[str, float | None]
-    info: dict[str, Any] = field(default_factory=dict)
-    extra_figures: dict[str, Figure] = field(default_factory=dict)
-    extra_files: dict[str, str] = field(default_factory=dict)
-
-    def records(self) -> list[dict[str, Any]]:
-        kept = set(self.kept)
-        return [{**row, "in_circuit": row["node"] in kept} for row in self.node_records]
-
-    def summary(self) -> dict[str, Any]:
-        stats = self.circuit.stats()
-        mode, value = self.selection
-        out = {"method": self.method, **self.info, "selection": mode, "selection_value": value,
-               "kept_nodes": list(self.kept), "n_kept": len(self.kept), "circuit_edges": stats["n_edges"],
-               "circuit_nodes": stats["n_nodes"], "circuit_heads": stats["n_heads"],
-               "circuit_mlps": stats["n_mlps"], "edge_fraction": stats["edge_fraction"],
-               "faithfulness": self.faithfulness, "graph_edges": self.circuit.graph.n_edges}
-        if self.curve is not None:
-            out.update({"cpr": self.curve.cpr, "cmd": self.curve.cmd, "full_metric": self.curve.full,
-                        "empty_metric": self.curve.empty})
-        return out
-
-    def figures(self) -> dict[str, Figure]:
-        from circuitlab.graph.draw import circuit_figure
-
-        drawn, note = self._drawn()
-        title = (f"{self.method} circuit: {len(self.kept)} nodes, {self.circuit.n_edges} edges, "
-                 f"faithfulness {self.faithfulness:.3f}{note}")
-        figures = {"circuit.png": circuit_figure(drawn, title=title), **self.extra_figures}
-        if self.curve is not None:
-            points = sum(1 for x in self.curve.fractions if x > 0)
-            figures["faithfulness.png"] = self.curve.figure(
-                marker=(self.circuit.n_edges, self.faithfulness),
-                title=f"faithfulness of the top-k {self.method} nodes ({self.curve.metric}, {points} sizes)")
-        return figures
-
-    def files(self) -> dict[str, str]:
-        from circuitlab.graph.draw import _edge_widths, to_dot
-
-        drawn, _ = self._drawn()
-        ids = drawn.in_graph.nonzero().flatten().tolist()
-        return {"circuit.json": self.circuit_json(), "circuit.dot": to_dot(drawn, ids, _edge_widths(drawn, ids, 0.4, 4.0)),
-                **self.extra_files}
-
-    def circuit_json(self) -> str:
-        """The EAP-IG / MIB layout; node scores are the method's, edges carry no score of their own (0)."""
-        return json.dumps(to_mib_dict(self.circuit.graph, self.circuit.in_graph, None, self.node_scores))
-
-    def _drawn(self) -> tuple[Circuit, str]:
-        """At most MAX_DRAWN_EDGES arrows: the edges between kept nodes first (input edges are many)."""
-        if self.circuit.n_edges <= MAX_DRAWN_EDGES:
-            return self.circuit, ""
-        graph = self.circuit.graph
-        from_input = graph.edge_src == 0
-        key = self.circuit.in_graph.float() * 2 - from_input.float()
-        mask = torch.zeros_like(self.circuit.in_graph)
-        mask[torch.topk(key, MAX_DRAWN_EDGES, sorted=True).indices] = True
-        return Circuit(graph, mask & self.circuit.in_graph), f" ({MAX_DRAWN_EDGES} edges drawn)"
-
-
-def measure_nodes(model: Model, prepared: PreparedTask, graph: Graph, kept: list[str], ranked: list[str], *,
-                  ablation: str = "corrupt", metric: str | None = None, seed: int = 0, always: Sequence[str] = (),
-                  curve: bool = True) -> tuple[Circuit, float, FaithfulnessCurve | None]:
-    """The node circuit of `kept` (+ `always`), its faithfulness and (with `curve`) the curve over top-k of
-    `ranked`; NaN and no curve when faithfulness is undefined (the ablation does not change the metric)."""
-    circuit = Circuit(graph, node_mask(graph, [*always, *kept]), model=model)
-    try:
-        with status("measuring faithfulness"):
-            evaluator = CircuitEvaluator(model, prepared, ablation=ablation, metric=metric, graph=graph, seed=seed)
-            faithful = float(evaluator.faithfulness(circuit.in_graph.unsqueeze(0))[0])
-            points = node_curve(evaluator, ranked, list(always)) if curve else None
-    except DiscoveryError as exc:
-        if "undefined" not in str(exc):
-            raise
-        return circuit, math.nan, None
-    return circuit, faithful if math.isfinite(faithful) else math.nan, points
 
 
 # --- the discover/grad analysis ---------------------------------------------------------------------------

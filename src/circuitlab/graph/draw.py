@@ -7,6 +7,7 @@ q blue, k green, v red, MLP / logits grey. No system package is needed (Graphviz
 
 from __future__ import annotations
 
+import math
 import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,14 +16,15 @@ import torch
 from jaxtyping import Float
 
 from circuitlab.atomic import save_figure_atomically, write_text_atomically
+from circuitlab.graph.circuit import Circuit
 from circuitlab.graph.naming import parse_node
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from circuitlab.graph.circuit import Circuit
 
 COLOURS = {"q": "#1f77b4", "k": "#2ca02c", "v": "#d62728", None: "#7f7f7f"}
+MAX_DRAWN_EDGES = 300  # a picture of thousands of arrows shows nothing; the ones that matter most are drawn
 
 
 def node_position(node: str, n_layers: int, n_heads: int) -> tuple[float, float]:
@@ -51,12 +53,10 @@ def draw_circuit(circuit: Circuit, path_stem: str | Path, *, title: str | None =
     """Write {stem}.png, {stem}.svg and {stem}.dot; returns the three paths."""
     stem = Path(path_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    edge_ids = circuit.in_graph.nonzero().flatten().tolist()
-    widths = _edge_widths(circuit, edge_ids, min_width, max_width)
     fig = circuit_figure(circuit, title=title, min_width=min_width, max_width=max_width)
     png = save_figure_atomically(fig, stem.with_suffix(".png"), dpi=150)
     svg = save_figure_atomically(fig, stem.with_suffix(".svg"))
-    dot = write_text_atomically(stem.with_suffix(".dot"), to_dot(circuit, edge_ids, widths))
+    dot = write_text_atomically(stem.with_suffix(".dot"), circuit_dot(circuit, min_width=min_width, max_width=max_width))
     return [Path(png), Path(svg), Path(dot)]
 
 
@@ -95,6 +95,24 @@ def circuit_figure(circuit: Circuit, *, title: str | None = None, min_width: flo
     ax.set_title(title or f"circuit: {circuit.n_edges} edges, {len(nodes)} nodes", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def drawn_subset(circuit: Circuit, priority: Float[torch.Tensor, " edge"],
+                 limit: int = MAX_DRAWN_EDGES) -> tuple[Circuit, str]:
+    """The circuit itself when it has at most `limit` edges, else its `limit` edges of highest `priority`
+    (ties in graph order), with a note for the picture's title saying so ("" when every edge is drawn)."""
+    if circuit.n_edges <= limit:
+        return circuit, ""
+    key = torch.where(circuit.in_graph, priority.to(torch.float64), -math.inf)
+    mask = torch.zeros_like(circuit.in_graph)
+    mask[torch.topk(key, limit, sorted=True).indices] = True
+    return Circuit(circuit.graph, mask, circuit.scores), f" ({limit} of {circuit.n_edges} edges drawn)"
+
+
+def circuit_dot(circuit: Circuit, *, min_width: float = 0.4, max_width: float = 4.0) -> str:
+    """Graphviz DOT text of every edge of the circuit, widths scaled by |score|."""
+    edge_ids = circuit.in_graph.nonzero().flatten().tolist()
+    return to_dot(circuit, edge_ids, _edge_widths(circuit, edge_ids, min_width, max_width))
 
 
 def to_dot(circuit: Circuit, edge_ids: list[int], widths: list[float]) -> str:

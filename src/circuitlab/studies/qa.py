@@ -27,7 +27,7 @@ import torch
 
 from circuitlab.analysis import Analysis
 from circuitlab.discovery.head_map import head_map, select_heads
-from circuitlab.discovery.param_grad import NodeDiscovery, node_curve, node_mask
+from circuitlab.discovery.nodes import NodeDiscovery, node_curve, node_mask
 from circuitlab.errors import AnalysisError
 from circuitlab.graph.circuit import Circuit
 from circuitlab.graph.graph import Graph

@@ -15,7 +15,7 @@ from circuitlab.discovery.head_map import (
     head_map,
     select_heads,
 )
-from circuitlab.discovery.param_grad import node_mask
+from circuitlab.discovery.nodes import node_mask
 from circuitlab.errors import DiscoveryError
 from circuitlab.graph.naming import head_name, mlp_name
 

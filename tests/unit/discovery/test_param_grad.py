@@ -15,10 +15,8 @@ from circuitlab.discovery.param_grad import (
     discover_grad,
     grad_importance,
     metric_gradients,
-    node_mask,
 )
 from circuitlab.errors import DiscoveryError
-from circuitlab.graph.graph import Graph
 from circuitlab.graph.naming import head_name
 from circuitlab.models.hooks import hook_name
 from circuitlab.models.toy import toy_model
@@ -132,17 +130,6 @@ def test_flags_are_above_mean_plus_three_std(toy, names_task):
         values = torch.tensor([importance.sums[i].abs_gxw for i in idx], dtype=torch.float64)
         bound = values.mean() + 3 * values.std(unbiased=False)
         assert [importance.flagged[i] for i in idx] == [bool(v > bound) for v in values]
-
-
-def test_node_mask_keeps_edges_among_the_nodes_and_to_the_logits(toy):
-    graph = Graph.from_model(toy)
-    mask = node_mask(graph, ["a0.h1", "m1"])
-    edges = {graph.edges[e] for e in mask.nonzero().flatten().tolist()}
-    assert {"input->a0.h1<q>", "a0.h1->m1", "m1->logits", "a0.h1->logits", "input->logits"} <= edges
-    allowed = {"input", "a0.h1", "m1", "logits"}
-    assert all(e.split("->")[0] in allowed and e.split("->")[1].split("<")[0] in allowed for e in edges)
-    with pytest.raises(Exception, match="not in this graph"):
-        node_mask(graph, ["a7.h0"])
 
 
 def test_distance_metrics_and_bad_options_are_rejected():
