@@ -31,8 +31,9 @@ from circuitlab.attribution.attention_gradient import AttentionGradient, attenti
 from circuitlab.attribution.attribution_patching import (
     DEFAULT_SITES,
     HEAD_SITES,
+    AtPSums,
     AttributionPatching,
-    attribution_patching,
+    attribution_patching_sums,
     check_sites,
 )
 from circuitlab.attribution.attribution_patching import check_direction as check_atp_direction
@@ -184,6 +185,46 @@ def _shard_parts(runs: list[Any]) -> tuple[Groups, list[Any]]:
             parts.append(part)
         offset += run.groups.n_prompts
     return Groups(batches, tokens), parts
+
+
+def _regroup(shards: list[Groups]) -> tuple[Groups, list[list[tuple[int, int]]]]:
+    """Prompt shards' token-length groups as the whole task's (`PreparedTask.build` groups prompts by their
+    clean and corrupt token lengths, in sorted order; a group can span shards): the merged groups, each
+    batch's prompts numbered in the task, and per merged group its members as (shard, batch) pairs. One
+    shard (a whole task) comes back as it is."""
+    members: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    offsets, offset = [], 0
+    for s, groups in enumerate(shards):
+        offsets.append(offset)
+        offset += groups.n_prompts
+        for b, batch in enumerate(groups.batches):
+            members.setdefault((batch.n_pos, int(batch.corrupt.shape[1])), []).append((s, b))
+    keys = sorted(members)  # shards keep task order, so each group's prompts stay in task order
+    batches = [_cat_batches([replace(shards[s].batches[b], indices=[offsets[s] + i for i in shards[s].batches[b].indices])
+                             for s, b in members[key]]) for key in keys]
+    tokens = [[t for s, b in members[key] for t in shards[s].tokens[b]] for key in keys]
+    return Groups(batches, tokens), [members[key] for key in keys]
+
+
+def _cat_batches(batches: list[TaskBatch]) -> TaskBatch:
+    """Batches of one token length as one (answer and wrong ids padded with -1 to the widest)."""
+    if len(batches) == 1:
+        return batches[0]
+
+    def padded(ids: list[torch.Tensor]) -> torch.Tensor:
+        width = max(t.shape[1] for t in ids)
+        return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1) for t in ids])
+
+    first = batches[0]
+    return TaskBatch(
+        clean=torch.cat([b.clean for b in batches]), corrupt=torch.cat([b.corrupt for b in batches]),
+        answers=padded([b.answers for b in batches]), wrong=padded([b.wrong for b in batches]),
+        answer_pos=torch.cat([b.answer_pos for b in batches]), indices=[i for b in batches for i in b.indices],
+        targets=None if first.targets is None else torch.cat([b.targets for b in batches if b.targets is not None]),
+        extra={k: torch.cat([b.extra[k] for b in batches]) for k in first.extra},
+        reference_logprobs=(None if first.reference_logprobs is None
+                            else torch.cat([b.reference_logprobs for b in batches if b.reference_logprobs is not None])),
+    )
 
 
 # --- direct logit attribution --------------------------------------------------------------------------
@@ -440,24 +481,27 @@ def _attn_grad(model: Model, task: Task | None, params: NoParams) -> AttentionGr
 
 @dataclass
 class AttributionPatchingRun:
-    """Attribution patching of every prompt.
+    """Attribution patching of every prompt, from `sums` (one `AtPSums` per token-length group of `groups`);
+    `parts` are the groups' own normalised results.
 
     With one token length, `effects` are that batch's normalised effects. With several, each batch's cell
-    is its share of the whole task's normalised value: (n_b / N) * (m_b - corrupt) / (clean - corrupt), m_b
-    the batch's estimated patched metric and clean, corrupt the means over all N prompts, so summing a cell
-    over batches gives the whole-task first-order value (rows then carry the batch's token `length`).
-    Over positions, the changes add: value(all positions) = base + sum_p (value_p - base), base = 0 for
-    denoising and 1 for noising (`bases` holds each batch's share of it).
+    is its share of the whole task's normalised value: (n_b / N) * (m_b - k_b) / (clean - corrupt), m_b the
+    batch's estimated patched metric, k_b its corrupt metric and clean, corrupt the means over all N prompts,
+    so summing a cell over batches gives the whole-task first-order value (rows then carry the batch's token
+    `length`). Over positions, the changes add: value(all positions) = base + sum_p (value_p - base), base
+    = 0 for denoising and 1 for noising (`bases` holds each batch's share of it).
     """
 
     groups: Groups
-    parts: list[AttributionPatching]
+    sums: list[AtPSums]
+    parts: list[AttributionPatching] = field(init=False)
     clean_metric: float = field(init=False)
     corrupt_metric: float = field(init=False)
     effects: list[dict[str, torch.Tensor]] = field(init=False)
     bases: list[float] = field(init=False)
 
     def __post_init__(self) -> None:
+        self.parts = [s.finish() for s in self.sums]
         sizes = [b.size for b in self.groups.batches]
         n = sum(sizes)
         self.clean_metric = sum(s * p.clean_metric for s, p in zip(sizes, self.parts, strict=True)) / n
@@ -497,9 +541,7 @@ class AttributionPatchingRun:
         for site in self.effects[0]:
             if site in HEAD_SITES:  # [layer, pos, head] -> each head over all positions (first order: changes add)
                 name = "atp_heads.png" if site == "z" else f"atp_{site}_heads.png"
-                heads = sum(self.bases) + torch.stack(
-                    [(e[site] - base).sum(1) for e, base in zip(self.effects, self.bases, strict=True)]).sum(0)
-                out[name] = plots.heatmap(heads, xlabel="head", ylabel="layer",
+                out[name] = plots.heatmap(self.head_values(site), xlabel="head", ylabel="layer",
                                           title=f"attribution patching ({self.direction}): {site} per head (all positions)")
                 continue
             out[f"atp_{site}.png"] = plots.heatmap(
@@ -507,15 +549,49 @@ class AttributionPatchingRun:
                 title=f"attribution patching ({self.direction}): {site}" + self.groups.note())
         return out
 
+    def head_values(self, site: str = "z") -> Float[torch.Tensor, "layer head"]:
+        """A per-head site's value of each head patched at every position of every prompt (its figure)."""
+        return sum(self.bases) + torch.stack(
+            [(e[site] - base).sum(1) for e, base in zip(self.effects, self.bases, strict=True)]).sum(0)
 
-def _atp(model: Model, task: Task | None, params: AtPParams) -> AttributionPatchingRun:
+
+@dataclass
+class AtPShard:
+    """Attribution patching of some prompts (the task, or a prompt shard of it) before normalising: one
+    `AtPSums` per token-length group of `groups`."""
+
+    groups: Groups
+    sums: list[AtPSums]
+
+
+def _atp_sums(model: Model, task: Task | None, params: AtPParams) -> AtPShard:
     prepared = _prepare(model, task)
     if not _has_corrupt(prepared.task):
         raise AttributionError("attribution patching needs a corrupt prompt: pass --corrupt (or use --task)")
     groups = Groups.of(prepared)
-    return AttributionPatchingRun(groups, [attribution_patching(model, b, prepared.metric, sites=params.sites,
-                                                                direction=params.direction)
-                                           for b in groups.batches])
+    return AtPShard(groups, [attribution_patching_sums(model, b, prepared.metric, sites=params.sites,
+                                                       direction=params.direction) for b in groups.batches])
+
+
+def _atp_run(shards: list[AtPShard]) -> AttributionPatchingRun:
+    """Shards' sums added within each token-length group of the whole task (a group can span shards), then
+    normalised by the whole task's clean and corrupt means: the one-process run (which is one shard)."""
+    groups, members = _regroup([shard.groups for shard in shards])
+    sums = []
+    for group in members:
+        total = shards[group[0][0]].sums[group[0][1]]
+        for s, b in group[1:]:
+            total = total + shards[s].sums[b]
+        sums.append(total)
+    return AttributionPatchingRun(groups, sums)
+
+
+def _atp(model: Model, task: Task | None, params: AtPParams) -> AttributionPatchingRun:
+    return _atp_run([_atp_sums(model, task, params)])
+
+
+def _atp_merge(model: Model, task: Task, partials: list[AtPShard], params: AtPParams) -> AttributionPatchingRun:
+    return _atp_run(partials)
 
 
 # --- the registry entries ------------------------------------------------------------------------------
@@ -530,4 +606,4 @@ FLOW = Analysis("attribute/flow", "attention flow (max flow) into one prompt's a
                 _flow_compute("flow"))
 ATTN_GRAD = Analysis("attribute/attn-grad", "attention x gradient per head", NoParams, _attn_grad)
 ATP = Analysis("attribute/atp", "attribution patching: first-order activation patching of every site",
-               AtPParams, _atp, task_source=_atp_source)
+               AtPParams, _atp, task_source=_atp_source, shard=ShardSpec(_atp_sums, _atp_merge))

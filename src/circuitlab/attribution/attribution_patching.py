@@ -11,6 +11,10 @@ plus the change) is normalised like activation patching, (m - m(x')) / (m(x) - m
 behaviour, 1 = clean behaviour, so each direction estimates the `value` of `circuitlab patch --direction`
 with the same name. Cost: one forward of the donor run, one forward and one backward of the receiving run,
 for every site, layer, position and head at once.
+
+`attribution_patching_sums` returns the first-order changes and metrics as sums over the batch's prompts,
+which add over batches of one token length (prompt shards, docs/METHODS.md "Distributed runs");
+`AtPSums.finish` turns sums into the normalised effects, and `attribution_patching` is the two in a row.
 """
 
 from __future__ import annotations
@@ -73,6 +77,39 @@ class AttributionPatching:
         return rows
 
 
+@dataclass
+class AtPSums:
+    """Attribution patching of some prompts as sums over them, which add over batches of one token length.
+
+    changes[site]: the first-order change of the receiving run's metric, summed over the prompts, [layer,
+    pos] ([layer, pos, head] for the per-head sites); clean, corrupt: the metric summed over the prompts;
+    n: the number of prompts."""
+
+    changes: dict[str, torch.Tensor]
+    clean: float
+    corrupt: float
+    n: int
+    direction: str = "denoise"
+
+    def __add__(self, other: AtPSums) -> AtPSums:
+        if other.direction != self.direction or list(other.changes) != list(self.changes):
+            raise AttributionError("cannot add attribution-patching sums of different directions or sites")
+        changes = {site: values + other.changes[site] for site, values in self.changes.items()}
+        return AtPSums(changes, self.clean + other.clean, self.corrupt + other.corrupt, self.n + other.n,
+                       self.direction)
+
+    def finish(self) -> AttributionPatching:
+        """The normalised effects: (receiving + change - corrupt) / (clean - corrupt), all means over prompts."""
+        clean, corrupt = self.clean / self.n, self.corrupt / self.n
+        effects = {}
+        for site, change in self.changes.items():
+            # the means in the changes' dtype: a float64 model must not normalise by float32 metrics
+            clean_t, corrupt_t = (torch.tensor(v, dtype=change.dtype) for v in (clean, corrupt))
+            receiving = corrupt_t if self.direction == "denoise" else clean_t
+            effects[site] = normalised(change / self.n + receiving, clean_t, corrupt_t)
+        return AttributionPatching(effects, clean, corrupt, self.direction)
+
+
 def check_sites(sites: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """`sites` as a tuple; an `AttributionError` naming the choices for an unknown or repeated site, or none."""
     sites = tuple(sites)
@@ -103,6 +140,15 @@ def attribution_patching(
 ) -> AttributionPatching:
     """Normalised first-order effects of every site, layer, position (and head) of `batch`, in `direction`
     ("denoise": clean into the corrupt run; "noise": corrupt into the clean run)."""
+    return attribution_patching_sums(model, batch, metric, sites=sites, direction=direction).finish()
+
+
+def attribution_patching_sums(
+    model: Model, batch: TaskBatch, metric: MetricFn, *, sites: tuple[str, ...] | list[str] = DEFAULT_SITES,
+    direction: str = "denoise",
+) -> AtPSums:
+    """`attribution_patching` before normalising: the first-order changes of the receiving run's metric and
+    the clean and corrupt metrics, each summed over the prompts of `batch` (they add over batches)."""
     check_direction(direction)
     hooks = site_hooks(model, sites)
     names = {name for group in hooks.values() for name in group}
@@ -135,9 +181,9 @@ def attribution_patching(
         ordered = sorted(names)
         grads = dict(zip(ordered, torch.autograd.grad(receiving_metric, [receiving_acts[n] for n in ordered],
                                                       allow_unused=True), strict=True))
-    receiving = receiving_metric.detach()
+    receiving, n = receiving_metric.detach(), batch.size
     clean_metric, corrupt_metric = (donor_metric, receiving) if direction == "denoise" else (receiving, donor_metric)
-    effects = {}
+    changes = {}
     for site, group in hooks.items():
         per_layer = []
         for name in group:
@@ -145,6 +191,5 @@ def attribution_patching(
             grad = grads[name] if grads[name] is not None else torch.zeros_like(delta)
             raw = (delta * grad).sum(0)  # [pos, d], [pos, head, d_head] or (pattern) [head, dest, src]
             per_layer.append(raw.sum(-1).transpose(0, 1) if site == "pattern" else raw.sum(-1))
-        raw_site = torch.stack(per_layer)  # the first-order change of the receiving run's metric
-        effects[site] = normalised(raw_site + receiving, clean_metric, corrupt_metric)
-    return AttributionPatching(effects, float(clean_metric), float(corrupt_metric), direction)
+        changes[site] = torch.stack(per_layer) * n  # the first-order change of the metric's mean, as a sum
+    return AtPSums(changes, float(clean_metric) * n, float(corrupt_metric) * n, n, direction)

@@ -2,8 +2,10 @@
 
 ``circuitlab path-patch --receivers 'a9.h*<q>'`` runs `path_patch_sweep` (graph/path_patching.py) on every
 token-length group of the task and combines the groups weighted by their number of prompts, so every
-prompt counts (docs/METHODS.md, "Path patching"). method 'auto' takes the fast paths, which equal the
-masked-edge run up to float32 rounding: receivers 'logits' -> `direct_logit_sweep` (graph/direct_paths.py:
+prompt counts (docs/METHODS.md, "Path patching"); the same combination merges prompt shards
+(``--backend ray`` / ``--resume``: `path_patch_part` per shard, `combine_parts` in the driver; see
+docs/METHODS.md, "Distributed runs"). method 'auto' takes the fast paths, which equal the masked-edge
+run up to float32 rounding: receivers 'logits' -> `direct_logit_sweep` (graph/direct_paths.py:
 two forwards, then one final norm + unembedding per sender at the scored positions; the input and every
 MLP are senders too), any other receivers -> `restart_sweep` (graph/restart.py: blocks from the earliest
 receiver layer on, `max_batch` rows per forward). method 'masked' runs one masked-edge forward per sender
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Float
 
-from circuitlab.analysis import Analysis
+from circuitlab.analysis import Analysis, ShardSpec
 from circuitlab.errors import GraphError
 from circuitlab.graph.direct_paths import Positions, Readout, SenderSweep, direct_logit_sweep, masked_sweep
 from circuitlab.graph.graph import Graph
@@ -152,10 +154,23 @@ def _group_sweep(model: Model, engine: MaskedEdgeEngine | None, graph: Graph, re
                          columns=columns, max_batch=params.max_batch, advance=advance)
 
 
-def path_patch_task(model: Model, task: Task, params: PathPatchParams) -> PathPatchRun:
+@dataclass
+class PathPatchPart:
+    """Path patching of some prompts (a task, or a prompt shard of one) before combining: one sweep per
+    token-length group (`sweeps`, means over the group's prompts), the groups' prompt counts (`sizes`) and
+    (clean, corrupt) token lengths (`keys`, as `PreparedTask.build` groups prompts)."""
+
+    sweeps: list[PathPatchSweep]
+    sizes: list[int]
+    keys: list[tuple[int, int]]
+    n_edges_graph: int
+    method: str
+
+
+def path_patch_part(model: Model, task: Task, params: PathPatchParams) -> PathPatchPart:
     """Every head (with receivers 'logits': every sender) as the sole sender into `params.receivers`, on
-    every token-length group of `task`, combined weighted by group size. One progress bar (with ETA)
-    over all senders of all groups."""
+    every token-length group of `task`, each group on its own. One progress bar (with ETA) over all
+    senders of all groups."""
     graph = Graph.from_model(model)
     receivers = resolve_receivers(graph, params.receivers)  # names checked before any forward pass
     heads = feeding_heads(graph, receivers)
@@ -172,9 +187,25 @@ def path_patch_task(model: Model, task: Task, params: PathPatchParams) -> PathPa
     with progress_bar(len(senders) * len(groups), description) as advance:
         sweeps = [_group_sweep(model, engine, graph, receivers, senders, prepared, batch, params, advance)
                   for batch in groups]
-    combined = SenderSweep.weighted_mean(sweeps, [batch.size for batch in groups])
-    return PathPatchRun(params.receivers, combined, [batch.n_pos for batch in groups], prepared.n_prompts,
-                        graph.n_edges, method)
+    return PathPatchPart(sweeps, [batch.size for batch in groups],
+                         [(batch.n_pos, int(batch.corrupt.shape[1])) for batch in groups], graph.n_edges, method)
+
+
+def combine_parts(parts: list[PathPatchPart], params: PathPatchParams) -> PathPatchRun:
+    """Parts (prompt shards in task order, or one whole task) as one run: every group's sweep weighted by
+    its number of prompts, i.e. the mean over all prompts; the normalisation by the whole task's clean and
+    corrupt means comes after (`PathPatchSweep.normalised`), so shards merge exactly."""
+    sweeps = [sweep for part in parts for sweep in part.sweeps]
+    sizes = [size for part in parts for size in part.sizes]
+    keys = sorted({key for part in parts for key in part.keys})  # the whole task's groups, in its order
+    return PathPatchRun(params.receivers, SenderSweep.weighted_mean(sweeps, sizes), [n_pos for n_pos, _ in keys],
+                        sum(sizes), parts[0].n_edges_graph, parts[0].method)
+
+
+def path_patch_task(model: Model, task: Task, params: PathPatchParams) -> PathPatchRun:
+    """Every head (with receivers 'logits': every sender) as the sole sender into `params.receivers`, on
+    every token-length group of `task`, combined weighted by group size."""
+    return combine_parts([path_patch_part(model, task, params)], params)
 
 
 def _compute(model: Model, task: Task | None, params: PathPatchParams) -> PathPatchRun:
@@ -182,7 +213,11 @@ def _compute(model: Model, task: Task | None, params: PathPatchParams) -> PathPa
     return path_patch_task(model, task, params)
 
 
+def _merge(model: Model, task: Task, partials: list[PathPatchPart], params: PathPatchParams) -> PathPatchRun:
+    return combine_parts(partials, params)
+
+
 PATH_PATCH: Analysis[PathPatchParams] = Analysis(
     "path-patch", "every head as sender into chosen receivers (direct edges, corrupt -> clean)",
-    PathPatchParams, _compute,
+    PathPatchParams, _compute, shard=ShardSpec(path_patch_part, _merge),
 )
