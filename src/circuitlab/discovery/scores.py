@@ -52,7 +52,7 @@ from circuitlab.errors import DiscoveryError
 from circuitlab.graph.ablation import ABLATIONS, ablated_outputs
 from circuitlab.graph.attention import visible_keys
 from circuitlab.graph.graph import Graph
-from circuitlab.graph.masked import FwdHooks, HookFn, MaskedEdgeEngine, gather_positions, mlp_input_hook
+from circuitlab.graph.masked import FwdHooks, HookFn, MaskedEdgeEngine, mlp_input_hook, read_positions_hooks
 from circuitlab.models.hooks import hook_name
 from circuitlab.models.model import Model
 from circuitlab.progress import progress_bar
@@ -402,14 +402,8 @@ class _GradientRun:
             if not self.graph.shape.attn_only:
                 out.append((mlp_input_hook(engine.bridge, layer), self._receiver_input(keep_shift=True)))
                 out.append((hook_name("mlp_out", layer), self._mlp_out(layer)))
-        final = self._receiver_input(keep_shift=False)
-
-        def logits_input(x: torch.Tensor, hook: Any) -> torch.Tensor:
-            x = final(x, hook)
-            return x if positions is None else gather_positions(x, positions)  # unembed the read positions only
-
-        out.append((engine.final_hook, logits_input))
-        return out
+        out.append((engine.final_hook, self._receiver_input(keep_shift=False)))
+        return out if positions is None else out + read_positions_hooks(positions)  # unembed only those
 
     def sender_outputs(self) -> Float[torch.Tensor, "sender batch pos d_model"]:
         """Every sender's output in the clean rows, in forward order."""

@@ -10,14 +10,16 @@ residual minus  sum_s (1 - c_{s,r}) (out_s - abl_s).
 Bridge hooks, by their site in `circuitlab.models.hooks`: resid_pre (read; layer 0 is the `input` sender),
 rot_cos / rot_sin (read, HF rotary), pattern (read: the mask the forward applied in this run), z (replaced
 by the per-head-input attention of attention.py), mlp_in or mlp_in_raw (MLP receiver input), mlp_out
-(read), final_norm_in or unembed_in (logits receiver input). This works on HF-backed and native
+(read), final_norm_in or unembed_in (logits receiver input), unembed_in (keeps only the read positions
+when a run is given `positions`). This works on HF-backed and native
 (boot_native) bridges: causal or bidirectional attention, sliding windows, RMSNorm / LayerNorm / no norm,
 pre and post norms, rotary or learned positions, GQA, Q/K norms. See docs/METHODS.md, "Masked-edge runs
 and ablations".
 
 Self-check: building an engine checks, once per model (`self_check`), that the masked run with every
 edge kept equals the plain forward and the one with every edge ablated equals the corrupt forward on a
-short probe, that the recomputed attention of every layer equals the forward's, and that the config's
+short probe (and so does a run unembedding only the last position: `read_positions_hooks`), that the
+recomputed attention of every layer equals the forward's, and that the config's
 `attention_dir` agrees with the mask the forward applies. Any failure is a GraphError, and an engine
 that failed is never built, so no analysis returns numbers from it.
 
@@ -50,7 +52,9 @@ from jaxtyping import Float, Int
 from circuitlab.errors import GraphError
 from circuitlab.graph.attention import HeadwiseAttention, visible_keys
 from circuitlab.graph.graph import Graph, GraphShape
-from circuitlab.graph.replay import replay_kwargs
+from circuitlab.graph.replay import BlockCall as BlockCall  # re-exported: the record's and hooks' types
+from circuitlab.graph.replay import FwdHooks as FwdHooks
+from circuitlab.graph.replay import replay_blocks
 from circuitlab.models.hooks import hook_name
 from circuitlab.models.model import Model
 
@@ -62,8 +66,6 @@ Tokens = Int[torch.Tensor, "batch pos"]
 Coefficients = Float[torch.Tensor, "*k edge"]  # [n_edges] or [k, n_edges]
 SenderOutputs = Float[torch.Tensor, "sender batch_or_1 pos d_model"]
 HookFn = Callable[[torch.Tensor, "HookPoint"], torch.Tensor | None]
-# run_with_hooks' own parameter type (a list is invariant, so a list of (str, HookFn) would not match it).
-FwdHooks = list[tuple[str | Callable[..., Any], Callable[..., Any]]]
 
 
 def mlp_input_hook(bridge: TransformerBridge, layer: int) -> str:
@@ -76,9 +78,6 @@ def final_input_hook(bridge: TransformerBridge) -> str:
     """The hook holding the logits' input (the final norm's input, else the unembedding's)."""
     name = hook_name("final_norm_in")
     return name if name in bridge.hook_dict else hook_name("unembed_in")
-
-
-BlockCall = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 @dataclass
@@ -207,8 +206,8 @@ class MaskedEdgeEngine:
         earliest changed receiver layer) instead of layer 0. Not used when the coefficients require grad
         (the gradient of every edge, upstream ones included, needs the full run).
         max_batch: at most this many rows (coefficient sets x prompts, at least one set) per forward.
-        positions: only these positions' logits ([*k, batch, n_read, vocab]); a restarted run then
-        unembeds only them (the unembedding dominates a run restarted late).
+        positions: only these positions' logits ([*k, batch, n_read, vocab]); only they are unembedded
+        (`read_positions_hooks`; the unembedding dominates a run restarted late).
         """
         self.model.check_tokens(tokens)
         flat = coefficients.ndim == 1
@@ -241,9 +240,7 @@ class MaskedEdgeEngine:
         with torch.set_grad_enabled(grad):
             state = _RunState(self, coeff, ablated, k, batch, start=start, record=record)
             if start == 0:
-                hooks = state.hooks()
-                if rows is not None:  # after the logits receiver's own hook: unembed only the read positions
-                    hooks.append((self.final_hook, _gather_hook(rows)))
+                hooks = state.hooks() + ([] if rows is None else read_positions_hooks(rows))
                 logits = self.bridge.run_with_hooks(tokens.repeat(k, 1), fwd_hooks=hooks, return_type="logits")
             else:
                 assert record is not None
@@ -257,12 +254,8 @@ class MaskedEdgeEngine:
         positions only, when given)."""
         n_layers, batch, k = self.graph.shape.n_layers, record.final.shape[0], state.k
         x = (record.calls[start][0][0] if start < n_layers else record.final).repeat(k, 1, 1)
-        with self.bridge.hooks(fwd_hooks=state.hooks()):
-            for layer in range(start, n_layers):
-                args, kwargs = record.calls[layer]
-                state.resid = x
-                out = self.bridge.blocks[layer](x, *args[1:], **replay_kwargs(kwargs, batch, k))
-                x = out[0] if isinstance(out, tuple) else out
+        with self.bridge.hooks(fwd_hooks=state.hooks()):  # the resid_pre hooks set state.resid per block
+            x = replay_blocks(self.bridge, record.calls, x, start, batch=batch, k=k)
         delta = state._delta(slice(self.graph.n_receivers - 1, self.graph.n_receivers))
         x = x if delta is None else x - delta[0]
         return self.final_logits(x if rows is None else gather_positions(x, rows))
@@ -458,12 +451,17 @@ def gather_positions(x: Float[torch.Tensor, "rows pos *rest"],
     return x[torch.arange(x.shape[0]).unsqueeze(1), positions]
 
 
-def _gather_hook(positions: Int[torch.Tensor, "rows n_read"]) -> HookFn:
-    """A hook on the logits receiver's input keeping only `positions` (the final norm and the unembedding
-    act per position, so the logits of the read positions are unchanged and the rest are never computed)."""
-    def hook(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+def read_positions_hooks(positions: Int[torch.Tensor, "rows n_read"]) -> FwdHooks:
+    """Hooks making a forward unembed only `positions` (row by row): its logits are [rows, n_read, vocab].
+
+    The rows are gathered at the unembedding's input, after the final norm, on every model. The final norm
+    acts per position too, but a wrapped model may reshape between the two (HF GPT-2 views the hidden
+    states as [batch, pos, d_model] right after ln_f), so fewer positions there break its forward. The
+    unembedding (and any soft cap after it) acts per position: the read logits are unchanged, the others
+    are never computed."""
+    def gather(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         return gather_positions(x, positions)
-    return hook
+    return [(hook_name("unembed_in"), gather)]
 
 
 def _weighted(weights: Float[torch.Tensor, "k n r"], diffs: Float[torch.Tensor, "k_or_1 n x"]) -> torch.Tensor:
@@ -608,11 +606,18 @@ def _run_self_check(engine: MaskedEdgeEngine) -> tuple[tuple[float, ...], tuple[
     _check_attention_dir(bridge, masks)
     ablated = engine.sender_outputs(corrupt)
     n = engine.graph.n_edges
+    last = torch.full((clean.shape[0], 1), clean.shape[1] - 1)
     with torch.no_grad():
         want_clean, want_corrupt = model.logits(clean), model.logits(corrupt)
         both = engine.run(clean, torch.stack([torch.ones(n), torch.zeros(n)]), ablated)
+        try:
+            read = engine.run(clean, torch.ones(n), ablated, positions=last)
+        except RuntimeError as exc:
+            raise GraphError(f"a masked run unembedding only the last position fails ({exc}): the model does "
+                             "more than a per-position unembedding after the unembedding's input") from exc
     for got, want, what in ((both[0], want_clean, "every edge kept vs the plain forward"),
-                            (both[1], want_corrupt, "every edge ablated vs the corrupt forward")):
+                            (both[1], want_corrupt, "every edge ablated vs the corrupt forward"),
+                            (read, want_clean[:, -1:], "every edge kept, the last position only, vs the plain forward")):
         tolerance = SELF_CHECK_EPS_FACTOR * torch.finfo(want.dtype).eps * float(want.abs().max())
         diff = float((got - want).abs().max())
         if not diff <= tolerance:  # also catches NaN

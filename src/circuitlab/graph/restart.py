@@ -13,6 +13,13 @@ residual. Layers with head receivers compute attention per (head, q/k/v) input w
 `HeadwiseAttention`; the other layers run the bridge's own blocks unchanged. Equals the full masked run
 (`masked_sweep`) up to float32 rounding (tested on toy models and SmolLM2).
 
+The block replay is the masked engine's (`replay.replay_blocks`, as in `MaskedEdgeEngine.run(record=...)`);
+the variants stay their own. Each variant cuts one sender, so a variant keeps only its sender's difference
+and patches with mask x difference, where the engine's restarted rows hold every sender's difference per
+row ([k, senders, batch*pos*d_model]: up to gigabytes for a sweep of hundreds of senders on SmolLM2) and mix
+them through [k, senders, receivers] weights; and the sweep unembeds only the metric's vocabulary
+`columns`, where the engine returns every logit.
+
 Self-checks: every sender's output, head outputs included (the post-norm share on Gemma-shaped models),
 and the recomputed attention come from a `MaskedEdgeEngine`, whose self-check against the plain forward
 ran when it was built, so this module has no decomposition of its own to check. What the engine does not
@@ -43,7 +50,7 @@ from circuitlab.graph.direct_paths import (
 from circuitlab.graph.masked import CleanRun, FwdHooks, MaskedEdgeEngine, mlp_input_hook
 from circuitlab.graph.naming import parse_node
 from circuitlab.graph.path_patching import Advance
-from circuitlab.graph.replay import replay_kwargs
+from circuitlab.graph.replay import replay_blocks
 from circuitlab.models.hooks import hook_name
 
 if TYPE_CHECKING:
@@ -73,12 +80,7 @@ def check_replay(engine: MaskedEdgeEngine, record: CleanRun, start: int, positio
     n_layers = engine.graph.shape.n_layers
     if start >= n_layers:  # nothing replayed: the restart reads the recorded final residual itself
         return
-    batch = record.outputs.shape[1]
-    x: Resid = record.calls[start][0][0]
-    for layer in range(start, n_layers):
-        args, kwargs = record.calls[layer]
-        out = engine.bridge.blocks[layer](x, *args[1:], **replay_kwargs(kwargs, batch, 1))
-        x = out[0] if isinstance(out, tuple) else out
+    x = replay_blocks(engine.bridge, record.calls, record.calls[start][0][0], start, batch=record.outputs.shape[1], k=1)
     got, want = gather_positions(x, positions), gather_positions(record.final, positions)
     error = (got - want).abs().amax(dim=-1)
     tolerance = REPLAY_EPS_FACTOR * torch.finfo(want.dtype).eps * want.abs().amax(dim=-1)
@@ -172,17 +174,11 @@ def _run_from(engine: MaskedEdgeEngine, variants: _Variants, record: CleanRun, s
               columns: Int[torch.Tensor, " n_columns"] | None) -> Float[torch.Tensor, "rows n_read vocab"]:
     """Blocks start..L-1 on k stacked copies of the clean residual entering block `start`, with the
     variants' receiver inputs patched; logits at `positions` only."""
-    graph, bridge, k, batch = engine.graph, engine.bridge, variants.k, variants.batch
+    graph, k = engine.graph, variants.k
     seen: list[torch.Tensor | None] = [None, None, None]  # this block's rotary cos, sin and visible keys
-    n_layers = graph.shape.n_layers
-    args, _ = record.calls[start] if start < n_layers else ((record.final,), {})
-    x: Resid = args[0].repeat(k, 1, 1)
-    for layer in range(start, n_layers):
-        args, kwargs = record.calls[layer]
-        hooks = _layer_hooks(engine, variants, layer, x, seen)
-        with bridge.hooks(fwd_hooks=hooks):
-            out = bridge.blocks[layer](x, *args[1:], **replay_kwargs(kwargs, batch, k))
-        x = out[0] if isinstance(out, tuple) else out
+    start_resid = record.calls[start][0][0] if start < graph.shape.n_layers else record.final
+    x = replay_blocks(engine.bridge, record.calls, start_resid.repeat(k, 1, 1), start, batch=variants.batch, k=k,
+                      layer_hooks=lambda layer, resid: _layer_hooks(engine, variants, layer, resid, seen))
     final = variants.delta([graph.n_receivers - 1])
     if final is not None:
         x = x - final[0]

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TOY_WORDS
 
 from circuitlab.discovery.metrics import discovery_metric
 from circuitlab.discovery.scores import BatchInputs, EdgeScoring, edge_scores, exact_sums, node_scores
 from circuitlab.errors import DiscoveryError
 from circuitlab.graph.masked import MaskedEdgeEngine
+from unit.discovery.test_scores_gradients import bound, coefficient_scores
 
 EPS = torch.finfo(torch.float32).eps
 
@@ -113,6 +115,33 @@ def test_exact_effects_equal_single_edge_masked_runs(toy, names_task, metric, po
     assert (exact.scores[edges] - want).abs().max() <= bound
     assert abs(exact.full_metric - float(m[-1])) <= bound
     assert want.abs().max() > 10 * bound
+
+
+@pytest.mark.parametrize("metric", [None, "kl"])
+def test_answer_position_metrics_on_hf_gpt2(architecture_models, names_task, metric):
+    """Metrics of the answer position unembed only that position. HF GPT-2 reshapes the hidden states to the
+    full sequence after its final norm, so the read positions are gathered at the unembedding's input (as on
+    every model): EAP-IG equals the coefficient gradient of full-logit masked runs (tolerance as in
+    test_scores_gradients.py) and exact the single-edge masked runs (tolerance as in
+    test_exact_effects_equal_single_edge_masked_runs; with the logit difference only: single-edge KL
+    effects of this near-uniform random GPT-2 are below that tolerance)."""
+    model = architecture_models("hf_gpt2", words=TOY_WORDS, n_layers=2)
+    got = edge_scores(model, names_task, method="eap-ig", steps=2, metric=metric).scores
+    want = coefficient_scores(model, names_task, "eap-ig", 2, metric)
+    assert want.abs().max() > 0 and (got - want).abs().max() <= bound(want)
+    if metric is not None:
+        return
+    exact = edge_scores(model, names_task, method="exact", metric=metric)
+    edges = some_edges(exact.graph)
+    rows = torch.ones(len(edges) + 1, exact.graph.n_edges)
+    rows[torch.arange(len(edges)), edges] = 0.0
+    m = masked_metric(model, names_task, rows, metric=metric)
+    effects = (m[:-1] - m[-1]).float()
+    with torch.no_grad():
+        logit_scale = max(float(model.bridge(b.clean).abs().max()) for b in names_task.prepare(model).batches)
+    tolerance = 64 * EPS * float(m.abs().max()) + 4 * 64 * EPS * logit_scale
+    assert (exact.scores[edges] - effects).abs().max() <= tolerance
+    assert effects.abs().max() > 10 * tolerance
 
 
 def test_exact_restarts_at_the_receiver_layer(toy, names_task):

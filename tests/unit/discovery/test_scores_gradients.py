@@ -57,7 +57,7 @@ def bound(reference):
 
 
 @pytest.mark.parametrize("name", ["toy", "toy_attn_only", "gated_silu_gqa", "layernorm_learned_positions",
-                                  "bidirectional", "soft_capped", "hf_gemma3", "hf_llama"])
+                                  "bidirectional", "soft_capped", "hf_gemma3", "hf_llama", "hf_gpt2"])
 def test_receiver_gradients_equal_the_coefficient_gradient(name, request, architecture_models, names_task):
     model = (request.getfixturevalue(name) if name.startswith("toy")
              else architecture_models(name, words=TOY_WORDS, n_layers=2))

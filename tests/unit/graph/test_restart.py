@@ -93,17 +93,34 @@ def test_a_replay_that_garbles_a_block_input_raises(monkeypatch):
     """The restart replays blocks on recorded inputs; the engine's self-check does not cover that, so the
     sweep replays the clean run first. Position ids doubled (rotary reads them; a uniform shift would not
     show, rotary attention being relative) must raise."""
-    from circuitlab.graph import restart
+    from circuitlab.graph import replay
 
     engine = MaskedEdgeEngine(toy_model(words=WORDS, **MODELS["mlp"]))
-    real = restart.replay_kwargs
+    real = replay.replay_kwargs
 
     def shifted(kwargs, batch, k):
         out = real(kwargs, batch, k)
         return {**out, "position_ids": out["position_ids"] * 2}
 
-    monkeypatch.setattr(restart, "replay_kwargs", shifted)
+    monkeypatch.setattr(replay, "replay_kwargs", shifted)
     clean = torch.randint(3, engine.model.d_vocab, (2, 6))
     receivers = resolve_receivers(engine.graph, "a1.h*<q>")
     with pytest.raises(GraphError, match=r"replaying blocks 1\.\.2 of the clean run"):
         restart_sweep(engine, receivers, clean, clean, metric, torch.full((2, 1), 5), ["input"])
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_restart_on_hf_models_equals_the_masked_run(architecture_models, kind):
+    """HF GPT-2's blocks take their attention mask and KV cache positionally (block(hidden, cache, mask)):
+    the replay repeats that mask for the stacked senders and drops the cache, as for keyword inputs."""
+    model = architecture_models(f"hf_{kind}", words="a b c d e f g h i j k l".split())
+    engine = MaskedEdgeEngine(model)
+    gen = torch.Generator().manual_seed(6)
+    clean, corrupt = (torch.randint(3, model.d_vocab, (2, 7), generator=gen) for _ in range(2))
+    with torch.no_grad():
+        scale = float(model.bridge(clean).abs().max())
+    receivers = resolve_receivers(engine.graph, "a1.h*<q>,m1")
+    senders = feeding_senders(engine.graph, receivers)
+    fast = restart_sweep(engine, receivers, clean, corrupt, metric, torch.arange(7).expand(2, -1), senders,
+                         max_batch=6)
+    check_equal(fast, masked_sweep(engine, receivers, clean, corrupt, metric, senders, chunk=6), scale)
