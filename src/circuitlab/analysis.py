@@ -78,19 +78,19 @@ class Analysis(Generic[P]):
         """The names `make_params` accepts."""
         if not is_dataclass(self.params):
             raise TypeError(f"{self.name}: params must be a dataclass")
-        return {f.name for f in fields(self.params)}
+        return {f.name for f in fields(self.params) if f.init}  # init=False fields are derived, not options
 
     def make_params(self, options: dict[str, Any]) -> P:
         """The options dataclass from keyword options; unknown names are an `AnalysisError`."""
         if not is_dataclass(self.params):
             raise TypeError(f"{self.name}: params must be a dataclass")
-        known = {f.name for f in fields(self.params)}
+        known = self.option_names()
         unknown = sorted(set(options) - known)
         if unknown:
             raise AnalysisError(f"analysis {self.name!r} takes no option(s) {', '.join(unknown)}; its options are "
                                 f"{', '.join(sorted(known)) or 'none'}")
-        missing = [f.name for f in fields(self.params)
-                   if f.default is MISSING and f.default_factory is MISSING and f.name not in options]
+        missing = [f.name for f in fields(self.params) if f.init
+                   and f.default is MISSING and f.default_factory is MISSING and f.name not in options]
         if missing:
             raise AnalysisError(f"analysis {self.name!r} needs option(s) {', '.join(missing)}")
         return self.params(**options)

@@ -512,6 +512,8 @@ def verify(
     greedy_steps: Annotated[int, typer.Option("--greedy-steps", help="Completeness: greedy search steps")] = 2,
     per_edge: Annotated[bool, typer.Option("--per-edge", help="Minimality per edge too (one run per edge)")] = False,
     out: Path = OutOpt("out/verify"), n: NOpt = 8, seed: SeedOpt = 0, force: ForceOpt = False,
+    backend: BackendOpt = "local", ray_address: RayAddressOpt = None, workers: WorkersOpt = 2,
+    threads_per_worker: ThreadsOpt = 1, shard_size: ShardSizeOpt = 8, resume: ResumeOpt = False,
 ) -> None:
     """Circuit verification: faithfulness and KL (every ablation), behaviour consistency, completeness,
     minimality, perturbation, generalisation to a held-out split, comparison; bootstrap 95% CIs."""
@@ -520,7 +522,8 @@ def verify(
     execute("verify", out=out, model=model, task=task, n=n, seed=seed, force=force, print_result=_print_verdict,
             circuit=str(circuit), ablation=ablation, score_metric=metric, split=split,
             compare=str(compare) if compare is not None else None, tolerance=tolerance, epsilon=epsilon,
-            noise=levels, n_bootstrap=n_bootstrap, subsets=subsets, greedy_steps=greedy_steps, per_edge=per_edge)
+            noise=levels, n_bootstrap=n_bootstrap, subsets=subsets, greedy_steps=greedy_steps, per_edge=per_edge,
+            executor=_executor(backend, ray_address, workers, threads_per_worker, shard_size, resume))
 
 
 def _print_heads(done: Any) -> None:

@@ -45,16 +45,28 @@ Masks = Bool[torch.Tensor, "k edge"]
 Read = Callable[[torch.Tensor, TaskBatch, torch.Tensor | None], torch.Tensor]
 
 
+def undefined_reason(full: float, empty: float, metric: str) -> str | None:
+    """Why faithfulness (m(C) - m(empty)) / (m(full) - m(empty)) is undefined, or None when it is defined:
+    m(full) and m(empty) equal up to float32 rounding of the two runs (the ablated run reorders the same
+    sums)."""
+    if abs(full - empty) > 64 * torch.finfo(torch.float32).eps * max(abs(full), abs(empty)):
+        return None
+    return (f"faithfulness is undefined: the metric {metric!r} is {full:.6g} both with every edge and with none "
+            "(the ablation does not change the behaviour); choose another ablation or metric")
+
+
 class CircuitEvaluator:
     """The mean metric of many circuits on one task, several circuits per masked forward.
 
     Ablated outputs and reference logits are computed once per token-length group; m(full) and m(empty)
-    come from the same engine, so f(full) = 1 and f(empty) = 0 exactly.
+    come from the same engine, so f(full) = 1 and f(empty) = 0 exactly. check=False skips the test that
+    faithfulness is defined (`undefined_reason`): a shard of a task's prompts may show no behaviour where
+    the whole task does, so sharded verification tests the merged values instead.
     """
 
     def __init__(self, model: Model, task: Task | PreparedTask, *, ablation: str = "corrupt",
                  metric: str | None = None, positions: str = "last", graph: Graph | None = None, seed: int = 0,
-                 rows_per_forward: int | None = None):
+                 rows_per_forward: int | None = None, check: bool = True):
         check_ablation(ablation)
         self.prepared = task if isinstance(task, PreparedTask) else task.prepare(model)
         self.engine = MaskedEdgeEngine(model, graph)
@@ -66,11 +78,8 @@ class CircuitEvaluator:
         ends = self.metric(torch.stack([torch.ones(self.graph.n_edges, dtype=torch.bool),
                                         torch.zeros(self.graph.n_edges, dtype=torch.bool)]))
         self.full, self.empty = float(ends[0]), float(ends[1])
-        # Equal up to float32 rounding of the two runs (the ablated run reorders the same sums): undefined.
-        if abs(self.full - self.empty) <= 64 * torch.finfo(torch.float32).eps * max(abs(self.full), abs(self.empty)):
-            raise DiscoveryError(
-                f"faithfulness is undefined: the metric {self.scorer.name!r} is {self.full:.6g} both with every edge "
-                "and with none (the ablation does not change the behaviour); choose another ablation or metric")
+        if check and (reason := undefined_reason(self.full, self.empty, self.scorer.name)) is not None:
+            raise DiscoveryError(reason)
 
     def metric(self, masks: Masks) -> Float[torch.Tensor, " k"]:
         """Mean metric over the task's prompts of each circuit (row of `masks`)."""

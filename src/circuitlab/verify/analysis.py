@@ -9,17 +9,28 @@ and each one's faithfulness inside the other. Every number carries a bootstrap 9
 Outputs: records = one row per circuit component (minimality); summary = the verdict; files
 consistency.csv, completeness.csv, perturbation.csv, ablations.csv; figures faithfulness.png,
 minimality.png, perturbation.png. See docs/METHODS.md, "Circuit verification".
+
+A run is `prompt_values` (the masked runs, kept as per-prompt values) then `finish` (the verdict). Over prompt
+shards (``--backend ray``, ``--resume``) each shard returns its `PromptValues` and the merge concatenates
+them before the same `finish`; the split is picked by prompt index in the whole task, and the mean and
+resample rows are measured on the whole task. The greedy completeness search and a mean or resample
+ablation as the chosen one need every prompt at once and are refused there. See docs/METHODS.md,
+"Distributed runs".
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from circuitlab.analysis import Analysis
+import torch
+
+from circuitlab.analysis import Analysis, ShardSpec
 from circuitlab.discovery.analysis import answers_optional
 from circuitlab.discovery.metrics import check_metric_name
 from circuitlab.discovery.scores import check_ablation
@@ -31,17 +42,24 @@ from circuitlab.models.model import Model
 from circuitlab.progress import status
 from circuitlab.tasks.source import TaskSource
 from circuitlab.tasks.task import Task
-from circuitlab.verify.bootstrap import Interval, check_resamples
+from circuitlab.verify.bootstrap import Bootstrap, Interval, check_resamples
 from circuitlab.verify.measures import (
     DEFAULT_NOISE,
     Completeness,
+    CompletenessRows,
     Consistency,
+    Finisher,
+    MinimalityRows,
     Perturbation,
+    PerturbationRows,
     Verifier,
     check_noise,
     check_positive,
+    concat_prompts,
+    select_prompts,
+    undefined,
 )
-from circuitlab.verify.split import check_split, split_task
+from circuitlab.verify.split import check_split, split_indices, split_task
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -50,6 +68,10 @@ if TYPE_CHECKING:
 COMPARISON_LABELS = {"other_faithfulness": "compare: faithfulness", "inside_other": "circuit inside compare",
                      "other_inside": "compare inside circuit"}
 MAX_DRAWN_COMPONENTS = 60  # bars beyond this are unreadable; the smallest |drop| (the suspects) are drawn
+
+
+def _sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _count(name: str, value: int) -> int:
@@ -66,7 +88,9 @@ class VerifyParams:
     circuit JSON. tolerance: max |logit difference| for "allclose". epsilon: a component whose removal
     changes faithfulness by less is non-minimal. noise: relative strengths of the embedding noise.
     n_bootstrap: resamples per interval. subsets / greedy_steps: the completeness search. per_edge: also
-    edge-level minimality. all_ablations: faithfulness and KL under every ablation type."""
+    edge-level minimality. all_ablations: faithfulness and KL under every ablation type.
+    circuit_sha256 / compare_sha256 (set here, not options): the files' contents, recorded in results.json
+    and in the key of every prompt shard, so `--resume` never reuses shards of a circuit file since rewritten."""
 
     circuit: str
     ablation: str = "corrupt"
@@ -82,14 +106,18 @@ class VerifyParams:
     per_edge: bool = False
     all_ablations: bool = True
     seed: int = 0
+    circuit_sha256: str = field(default="", init=False)
+    compare_sha256: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         check_ablation(self.ablation)
         check_metric_name(self.score_metric)
         check_split(self.split)
         read_mib_json(self.circuit)  # missing file, bad JSON, unknown names: before the model loads
+        object.__setattr__(self, "circuit_sha256", _sha256(self.circuit))
         if self.compare is not None:
             read_mib_json(self.compare)
+            object.__setattr__(self, "compare_sha256", _sha256(self.compare))
         check_positive("tolerance", self.tolerance)
         check_positive("epsilon", self.epsilon)
         object.__setattr__(self, "noise", check_noise(tuple(self.noise)))
@@ -303,63 +331,193 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-# --- the verb ---------------------------------------------------------------------------------------------
+# --- the verb: per-prompt values, then the finishing --------------------------------------------------------
+# A run is two steps, shared by the one-process run and a run over prompt shards (docs/METHODS.md,
+# "Distributed runs"): `prompt_values` makes the masked runs and keeps per-prompt values of fixed masks;
+# `finish` turns them into the verdict (means, bootstrap intervals, comparisons). A shard returns its
+# `PromptValues`; the merge concatenates them in task order and finishes as one process would.
+
+SHARD_ABLATIONS = ("corrupt", "zero")  # ablated outputs of one prompt depend on that prompt alone
+
+
+@dataclass
+class AblationValues:
+    """Per-prompt values of the circuit under one ablation: the full model's and the empty circuit's metric
+    (`ends`, [2, prompt]), the circuit's metric and KL(model || circuit)."""
+
+    ends: torch.Tensor
+    circuit: torch.Tensor
+    kl: torch.Tensor
+
+
+@dataclass
+class PromptValues:
+    """Per-prompt values of every measure of one verification, on some prompts in task order (a prompt
+    shard's partial result); `ablations`: the other ablation types' values, or why they cannot run."""
+
+    metric: str
+    ends: torch.Tensor
+    circuit: torch.Tensor
+    consistency: Consistency
+    minimality: MinimalityRows
+    completeness: CompletenessRows
+    perturbation: PerturbationRows
+    compare: torch.Tensor | None
+    ablations: dict[str, AblationValues | str] = field(default_factory=dict)
+
+    def chosen(self) -> AblationValues:
+        """The values under the chosen ablation (what the other split reports)."""
+        return AblationValues(self.ends, self.circuit, self.consistency.kl)
+
+
+def _circuits(model: Model, params: VerifyParams) -> tuple[Circuit, Circuit | None]:
+    """The circuit and the one to compare with; the files must be those the options were checked with."""
+    for path, digest in ((params.circuit, params.circuit_sha256), (params.compare, params.compare_sha256)):
+        if path is not None and _sha256(path) != digest:
+            raise VerifyError(f"circuit file {path} changed during the run (or differs on this worker): every "
+                              "shard must read the same circuit")
+    circuit = Circuit.load(params.circuit, model=model)  # another model's circuit: GraphError naming both shapes
+    other = Circuit.load(params.compare, model=model) if params.compare is not None else None
+    return circuit, other
+
+
+def prompt_values(model: Model, task: Task, circuit: Circuit, other: Circuit | None, params: VerifyParams, *,
+                  ablations: tuple[str, ...] = (), check: bool = True) -> PromptValues:
+    """Per-prompt values of every measure of `circuit` on `task`, and of `ablations` (other ablation types).
+    check=False (a prompt shard): whether faithfulness is defined is left to `finish`, on every prompt."""
+    with status("measuring faithfulness"):
+        verifier = Verifier(model, task, circuit, ablation=params.ablation, metric=params.score_metric,
+                            seed=params.seed, n_bootstrap=params.n_bootstrap, check=check)
+        mask = circuit.in_graph
+        circuit_row = verifier.metric_rows(mask.unsqueeze(0))[0]
+        consistency = verifier.consistency(mask, params.tolerance)
+    minimality = verifier.minimality_rows(mask, per_edge=params.per_edge)
+    completeness = verifier.completeness_rows(mask, subsets=params.subsets, greedy_steps=params.greedy_steps)
+    perturbation = verifier.perturbation_rows(mask, params.noise)
+    compare = verifier.compare_rows(mask, other.in_graph) if other is not None else None
+    values = PromptValues(verifier.metric_name, verifier.ends, circuit_row, consistency, minimality, completeness,
+                          perturbation, compare)
+    if ablations:
+        with status("faithfulness under every ablation"):
+            for kind in ablations:
+                values.ablations[kind] = ablation_values(model, task, circuit, kind, params, check=check)
+    return values
+
+
+def ablation_values(model: Model, task: Task, circuit: Circuit, ablation: str, params: VerifyParams, *,
+                    check: bool = True) -> AblationValues | str:
+    """Per-prompt faithfulness inputs and KL of the circuit under `ablation` on `task`; a note instead when
+    it cannot be measured."""
+    try:
+        verifier = Verifier(model, task, circuit, ablation=ablation, metric=params.score_metric, seed=params.seed,
+                            n_bootstrap=params.n_bootstrap, check=check)
+    except VerifyError as exc:
+        return str(exc)
+    row = verifier.metric_rows(circuit.in_graph.unsqueeze(0))[0]
+    return AblationValues(verifier.ends, row, verifier.consistency(circuit.in_graph, params.tolerance).kl)
+
+
+def _ablation_row(values: AblationValues | str, metric: str, ablation: str, params: VerifyParams) -> dict[str, Any]:
+    """Faithfulness and KL (with intervals) under one ablation; a note instead when undefined."""
+    reason = values if isinstance(values, str) else undefined(values.ends, metric, ablation)
+    if reason is not None or isinstance(values, str):
+        return {"note": reason}
+    n = values.ends.shape[-1]
+    finisher = Finisher(values.ends, Bootstrap(n, params.n_bootstrap, params.seed))
+    faithful = finisher.faithfulness(values.circuit.unsqueeze(0))[0]
+    return {**faithful.as_dict("faithfulness"), **finisher.mean(values.kl).as_dict("kl"), "n_prompts": n}
+
+
+def finish(values: PromptValues, evaluated: Task, held_out: Task | None, held: AblationValues | str | None,
+           circuit: Circuit, other: Circuit | None, params: VerifyParams) -> Verification:
+    """The verification from per-prompt values of the `evaluated` prompts (and, with a split, the values of
+    the `held_out` prompts under the chosen ablation)."""
+    reason = undefined(values.ends, values.metric, params.ablation)
+    if reason is not None:
+        raise VerifyError(reason)
+    n = values.ends.shape[-1]
+    finisher = Finisher(values.ends, Bootstrap(n, params.n_bootstrap, params.seed))
+    faithful = finisher.faithfulness(values.circuit.unsqueeze(0))[0]
+    consistency = values.consistency
+    means = {"top1_agreement": finisher.mean(consistency.top1_agree),
+             "max_abs_logit_diff": finisher.mean(consistency.max_abs_diff),
+             "allclose": finisher.mean(consistency.within)}
+    kl = finisher.mean(consistency.kl)
+    ablations = [{"ablation": params.ablation, **faithful.as_dict("faithfulness"), **kl.as_dict("kl")}]
+    ablations += [{"ablation": kind, **_ablation_row(values.ablations[kind], values.metric, kind, params)}
+                  for kind in ABLATIONS if kind in values.ablations]
+    other_split = None
+    if held_out is not None and held is not None:
+        other_split = {"split": held_out.params.get("split"),
+                       **_ablation_row(held, values.metric, params.ablation, params)}
+    comparison = None
+    if other is not None and values.compare is not None:
+        comparison = {**other.overlap(circuit), "other_edges": other.n_edges}
+        comparison.pop("edge_precision")
+        comparison.pop("edge_recall")
+        for name, interval in finisher.compare(values.compare).items():
+            if name != "faithfulness":
+                comparison.update(interval.as_dict(name))
+    labels = [ex.clean for ex in evaluated.examples]
+    return Verification(
+        circuit, values.metric, params.ablation, n, float(values.ends[0].mean()), float(values.ends[1].mean()),
+        faithful, kl, consistency, means, finisher.completeness(values.completeness),
+        finisher.minimality(values.minimality), finisher.perturbation(values.perturbation), params.epsilon, labels,
+        ablations, params.split, other_split, comparison)
+
 
 def verify(model: Model, task: Task, params: VerifyParams) -> Verification:
     """Every measure of the circuit in `params.circuit` on `task` (see the module docstring)."""
-    circuit = Circuit.load(params.circuit, model=model)  # another model's circuit: GraphError naming both shapes
-    other_circuit = Circuit.load(params.compare, model=model) if params.compare is not None else None
+    circuit, other = _circuits(model, params)
     evaluated, held_out = split_task(task, params.split)
-    with status("measuring faithfulness"):
-        verifier = Verifier(model, evaluated, circuit, ablation=params.ablation, metric=params.score_metric,
-                            seed=params.seed, n_bootstrap=params.n_bootstrap)
-        mask = circuit.in_graph
-        faithful = verifier.faithfulness(mask.unsqueeze(0))[0]
-        consistency = verifier.consistency(mask, params.tolerance)
-    boot = verifier.bootstrap
-    means = {"top1_agreement": boot.mean(consistency.top1_agree),
-             "max_abs_logit_diff": boot.mean(consistency.max_abs_diff),
-             "allclose": boot.mean(consistency.within)}
-    kl = boot.mean(consistency.kl)
-    minimality = verifier.minimality(mask, per_edge=params.per_edge)
-    completeness = verifier.completeness(mask, subsets=params.subsets, greedy_steps=params.greedy_steps)
-    perturbation = verifier.perturbation(mask, params.noise)
-    ablations = [{"ablation": params.ablation, **faithful.as_dict("faithfulness"), **kl.as_dict("kl")}]
-    if params.all_ablations:
-        with status("faithfulness under every ablation"):
-            for kind in ABLATIONS:
-                if kind != params.ablation:
-                    ablations.append({"ablation": kind, **_measure(model, evaluated, circuit, kind, params)})
-    other_split = None
+    others = tuple(kind for kind in ABLATIONS if kind != params.ablation) if params.all_ablations else ()
+    values = prompt_values(model, evaluated, circuit, other, params, ablations=others)
+    held = None
     if held_out is not None:
         with status("faithfulness on the other split"):
-            other_split = {"split": held_out.params.get("split"),
-                           **_measure(model, held_out, circuit, params.ablation, params)}
-    comparison = None
-    if other_circuit is not None:
-        comparison = {**other_circuit.overlap(circuit), "other_edges": other_circuit.n_edges}
-        comparison.pop("edge_precision")
-        comparison.pop("edge_recall")
-        for name, interval in verifier.compare(mask, other_circuit.in_graph).items():
-            if name != "faithfulness":
-                comparison.update(interval.as_dict(name))
-    labels = [evaluated.examples[i].clean for i in range(len(evaluated))]
-    return Verification(
-        circuit, verifier.metric_name, params.ablation, verifier.n_prompts, verifier.evaluator.full,
-        verifier.evaluator.empty, faithful, kl, consistency, means, completeness, minimality, perturbation,
-        params.epsilon, labels, ablations, params.split, other_split, comparison)
+            held = ablation_values(model, held_out, circuit, params.ablation, params)
+    return finish(values, evaluated, held_out, held, circuit, other, params)
 
 
-def _measure(model: Model, task: Task, circuit: Circuit, ablation: str, params: VerifyParams) -> dict[str, Any]:
-    """Faithfulness and KL of the circuit under `ablation` on `task`; a note instead when undefined."""
-    try:
-        verifier = Verifier(model, task, circuit, ablation=ablation, metric=params.score_metric, seed=params.seed,
-                            n_bootstrap=params.n_bootstrap)
-    except VerifyError as exc:
-        return {"note": str(exc)}
-    faithful = verifier.faithfulness(circuit.in_graph.unsqueeze(0))[0]
-    kl = verifier.bootstrap.mean(verifier.consistency(circuit.in_graph, params.tolerance).kl)
-    return {**faithful.as_dict("faithfulness"), **kl.as_dict("kl"), "n_prompts": verifier.n_prompts}
+# --- prompt shards (--backend ray, --resume) -----------------------------------------------------------------
+
+def _shardable(params: VerifyParams) -> None:
+    """Options under which shards merge exactly; the others are refused naming the fix."""
+    if params.ablation not in SHARD_ABLATIONS:
+        raise VerifyError(f"--ablation {params.ablation} draws from every prompt of a token-length group, so prompt "
+                          "shards would change every measure: use --ablation corrupt or zero with --backend ray / "
+                          "--resume, or --backend local")
+    if params.greedy_steps > 0:
+        raise VerifyError("the greedy completeness search picks each next node from the mean over every prompt, so "
+                          "it cannot run on prompt shards: pass --greedy-steps 0 (the random subsets still run) with "
+                          "--backend ray / --resume, or use --backend local")
+
+
+def _partial(model: Model, task: Task, params: VerifyParams) -> PromptValues:
+    """A shard's per-prompt values of every measure, on every prompt of the shard (which prompts belong to
+    a train/test split depends on their index in the whole task: the merge picks them out)."""
+    circuit, other = _circuits(model, params)
+    others = tuple(kind for kind in SHARD_ABLATIONS if kind != params.ablation) if params.all_ablations else ()
+    return prompt_values(model, task, circuit, other, params, ablations=others, check=False)
+
+
+def _merge(model: Model, task: Task, partials: list[PromptValues], params: VerifyParams) -> Verification:
+    """The shards' values side by side, the split picked out by prompt index in the whole task, the mean and
+    resample ablation rows measured here on the whole task (they draw from every prompt), then `finish`."""
+    circuit, other = _circuits(model, params)
+    values = concat_prompts(partials)
+    evaluated, held_out = split_task(task, params.split)
+    held: AblationValues | None = None
+    if params.split is not None:
+        inside, outside = split_indices(task, params.split)
+        held = select_prompts(values.chosen(), outside) if outside else None
+        values = select_prompts(values, inside)
+    if params.all_ablations:
+        with status("faithfulness under the mean and resample ablations"):
+            for kind in ABLATIONS:
+                if kind != params.ablation and kind not in values.ablations:
+                    values.ablations[kind] = ablation_values(model, evaluated, circuit, kind, params)
+    return finish(values, evaluated, held_out, held, circuit, other, params)
 
 
 def _source(source: TaskSource, params: VerifyParams) -> TaskSource:
@@ -375,5 +533,6 @@ def _compute(model: Model, task: Task | None, params: VerifyParams) -> Verificat
 
 
 VERIFY = Analysis("verify", "circuit verification: faithfulness, consistency, completeness, minimality, "
-                  "perturbation, generalisation (bootstrap CIs)", VerifyParams, _compute, task_source=_source)
+                  "perturbation, generalisation (bootstrap CIs)", VerifyParams, _compute, task_source=_source,
+                  shard=ShardSpec(_partial, _merge, _shardable))
 

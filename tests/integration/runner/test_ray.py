@@ -56,3 +56,36 @@ def test_smollm_dla_on_ray_equals_the_local_run(cluster, smollm, tmp_path):
                   executor=Executor(backend="ray", workers=2, shard_size=2))
     assert_same_records(local.result.records, sharded.result.records)
     assert sharded.result.summary["n_prompts"] == 4
+
+
+@pytest.mark.parametrize("analysis, options", [
+    ("attribute/atp", {"sites": ("z", "resid_pre"), "direction": "noise"}),
+    ("path-patch", {"receivers": "a1.h*<q>"}),
+])
+def test_toy_atp_and_path_patch_on_ray_equal_the_local_run(cluster, toy, toy_dir, tmp_path, analysis, options):
+    """Shards of 3+3+1 prompts whose two token-length groups span shards: merged exactly by the driver."""
+    task = names_task(7)
+    local = run(analysis, model=toy, task=task, **options)
+    sharded = run(analysis, model=str(toy_dir), task=task, out=tmp_path / "out", executor=ray_executor(), **options)
+    assert_same_records(local.result.records, sharded.result.records)
+    assert sharded.result.summary["n_prompts"] == 7 and len(sharded.result.summary["token_lengths"]) == 2
+
+
+def test_verify_on_ray_equals_the_local_run(cluster, toy, toy_dir, tmp_path):
+    """Circuit verification over 3 shards on 2 workers: prompts of two token lengths, a test split cutting a
+    shard, the mean and resample rows measured on the driver; every number and file as in one process."""
+    import torch
+    from unit.verify.test_shards import assert_same_verification
+
+    from circuitlab.graph.circuit import Circuit
+    from circuitlab.graph.graph import Graph
+
+    graph = Graph.from_model(toy)
+    scores = torch.randn(graph.n_edges, generator=torch.Generator().manual_seed(1))
+    circuit = str(Circuit.top_n(graph, scores, 15).save(tmp_path / "circuit.json"))
+    options = {"circuit": circuit, "split": "test", "greedy_steps": 0, "subsets": 2, "n_bootstrap": 100,
+               "noise": (0.0, 0.2)}
+    local = run("verify", model=toy, task=names_task(7), **options)
+    sharded = run("verify", model=str(toy_dir), task=names_task(7), out=tmp_path / "out", executor=ray_executor(),
+                  **options)
+    assert_same_verification(local, sharded)
