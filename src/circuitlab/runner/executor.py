@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from circuitlab.errors import AnalysisError
+from circuitlab.errors import AnalysisError, CircuitlabError
 from circuitlab.progress import progress_bar
 from circuitlab.runner.shards import ShardStore, prompts_of, shard_key, split_task
 
@@ -169,6 +169,8 @@ class Executor:
                     if self.fault is not None and self.fault.kind != "exit-once":
                         self.fault.fire(i)
                     partial = entry.shard.partial(model, shards[i], params)
+                except CircuitlabError:  # a bad input fails every shard alike: say so now, no retry
+                    raise
                 except Exception as error:
                     if attempt == ATTEMPTS:
                         fatal = fatal or _failed(i, shards[i], error)
@@ -220,6 +222,9 @@ class Executor:
                 try:
                     partial = ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as error:
+                    cause = getattr(error, "cause", None)
+                    if isinstance(cause, CircuitlabError):  # a bad input fails every shard alike: no retry
+                        raise cause from None
                     failures[i] += 1
                     if failures[i] >= ATTEMPTS:
                         fatal = fatal or _failed(i, shards[i], error)

@@ -3,6 +3,7 @@ one-process run, failures named, resume after a failure (the Ray backend: tests/
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -12,7 +13,8 @@ import torch
 from circuitlab.errors import AnalysisError, CircuitlabError
 from circuitlab.runner import run
 from circuitlab.runner.executor import Executor, Fault
-from circuitlab.runner.shards import shard_directory, shard_key, split_task
+from circuitlab.runner.registry import get_analysis
+from circuitlab.runner.shards import ShardStore, shard_directory, shard_key, split_task
 from circuitlab.tasks import Example, Task
 
 # Shards re-batch prompts and merge means of shard sums: float32 rounding, a few ulps of values near 1.
@@ -117,3 +119,23 @@ def test_a_shard_that_fails_once_is_retried(toy, tmp_path):
     done = run("attribute/dla", model=toy, task=names_task(7), out=tmp_path / "out", executor=flaky)
     assert (tmp_path / "marker").exists()
     assert_same_records(run("attribute/dla", model=toy, task=names_task(7)).result.records, done.result.records)
+
+
+def test_a_bad_input_found_in_a_shard_fails_at_once_with_its_own_message(toy, tmp_path):
+    """Receivers are resolved against the model, so a bad one is found by the first shard: that is the user's
+    error (the same in every shard), reported as is and never retried."""
+    calls = []
+    entry = get_analysis("path-patch")
+    assert entry.shard is not None
+    original = entry.shard.partial
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    executor = Executor(shard_size=3, resume=True)
+    patched = dataclasses.replace(entry, shard=dataclasses.replace(entry.shard, partial=counting))
+    with pytest.raises(CircuitlabError, match="a9") as raised:
+        executor.compute(patched, "toy", toy, names_task(7), entry.make_params({"receivers": "a9.h*<q>"}),
+                         ShardStore(None))
+    assert "failed" not in str(raised.value) and len(calls) == 1
