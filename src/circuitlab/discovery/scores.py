@@ -52,7 +52,7 @@ from circuitlab.errors import DiscoveryError
 from circuitlab.graph.ablation import ABLATIONS, ablated_outputs
 from circuitlab.graph.attention import visible_keys
 from circuitlab.graph.graph import Graph
-from circuitlab.graph.masked import FwdHooks, HookFn, MaskedEdgeEngine, mlp_input_hook, read_positions_hooks
+from circuitlab.graph.masked import FwdHooks, HookFn, MaskedEdgeEngine, read_positions_hooks
 from circuitlab.models.hooks import hook_name
 from circuitlab.models.model import Model
 from circuitlab.progress import progress_bar
@@ -400,7 +400,7 @@ class _GradientRun:
             out.append((hook_name("pattern", layer), self._pattern))
             out.append((hook_name("z", layer), self._attention(layer)))
             if not self.graph.shape.attn_only:
-                out.append((mlp_input_hook(engine.bridge, layer), self._receiver_input(keep_shift=True)))
+                out.append((engine.mlp_in_hooks[layer], self._receiver_input(keep_shift=True)))
                 out.append((hook_name("mlp_out", layer), self._mlp_out(layer)))
         out.append((engine.final_hook, self._receiver_input(keep_shift=False)))
         return out if positions is None else out + read_positions_hooks(positions)  # unembed only those

@@ -42,7 +42,8 @@ input the recording misses), `restart_error` says why and every run falls back t
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -123,6 +124,9 @@ class MaskedEdgeEngine:
             )
         self.layers = [HeadwiseAttention(self.bridge, layer) for layer in range(shape.n_layers)]
         self.final_hook = final_input_hook(self.bridge)
+        # Hook names and points resolved once: the bridge rebuilds its alias table on every lookup.
+        self.mlp_in_hooks = [mlp_input_hook(self.bridge, layer) for layer in range(shape.n_layers)]
+        self._points: dict[str, HookPoint] = {}
         self.masks: tuple[str, ...] = ()  # each layer's mask kind, as the self-check probed it
         # layer of each receiver (n_layers for logits): where a run touching it can restart
         g = self.graph
@@ -254,11 +258,31 @@ class MaskedEdgeEngine:
         positions only, when given)."""
         n_layers, batch, k = self.graph.shape.n_layers, record.final.shape[0], state.k
         x = (record.calls[start][0][0] if start < n_layers else record.final).repeat(k, 1, 1)
-        with self.bridge.hooks(fwd_hooks=state.hooks()):  # the resid_pre hooks set state.resid per block
+        with self._hooked(state.hooks()):  # the resid_pre hooks set state.resid per block
             x = replay_blocks(self.bridge, record.calls, x, start, batch=batch, k=k)
         delta = state._delta(slice(self.graph.n_receivers - 1, self.graph.n_receivers))
         x = x if delta is None else x - delta[0]
         return self.final_logits(x if rows is None else gather_positions(x, rows))
+
+    @contextmanager
+    def _hooked(self, hooks: FwdHooks) -> Iterator[None]:
+        """Forward hooks on the bridge's hook points for the duration of the block, as `bridge.hooks` adds
+        them, without its per-call rebuilding of the alias table (a millisecond per restarted run). Only
+        restarted runs use it, and the self-check compares one with the full forward under `bridge.hooks`,
+        so a hook point that would not fire cannot go unnoticed."""
+        added: list[tuple[HookPoint, Any]] = []
+        try:
+            for name, fn in hooks:
+                assert isinstance(name, str)
+                point = self._points.get(name)
+                if point is None:
+                    point = self._points[name] = self.bridge.hook_dict[name]
+                added.append((point, point.add_hook(fn, dir="fwd")))
+            yield
+        finally:
+            for point, handle in added:
+                handle.hook.remove()
+                point.fwd_hooks[:] = [h for h in point.fwd_hooks if h is not handle]
 
     def final_logits(self, resid: Float[torch.Tensor, "rows pos d_model"]) -> Float[torch.Tensor, "rows pos vocab"]:
         """The bridge's final norm (recomputed on `resid`, the logits receiver's input) and unembedding,
@@ -337,7 +361,7 @@ class _RunState:
             out.append((hook_name("pattern", layer), self._pattern()))
             out.append((hook_name("z", layer), self._attention(layer)))
             if not self.graph.shape.attn_only:
-                mlp_in = mlp_input_hook(self.engine.bridge, layer)
+                mlp_in = self.engine.mlp_in_hooks[layer]
                 out.append((mlp_in, self._receiver_input(self.graph.mlp_receiver(layer))))
                 out.append((hook_name("mlp_out", layer), self._mlp_out(layer)))
         if self.start == 0:  # a restarted run applies the logits' delta itself (MaskedEdgeEngine._run_from)
@@ -564,10 +588,26 @@ _VERDICTS: weakref.WeakKeyDictionary[Any, _Verdict] = weakref.WeakKeyDictionary(
 
 
 def _fingerprint(bridge: TransformerBridge) -> tuple[Any, ...]:
-    """What invalidates a verdict: the config's attention direction, and any in-place change of a weight
-    (load_state_dict, fine-tuning) which bumps the parameter's version counter."""
-    versions = sum(p._version for p in bridge.parameters())
-    return getattr(bridge.cfg, "attention_dir", None), versions, len(list(bridge.parameters()))
+    """What invalidates a verdict or a recorded run: the config's attention direction, any in-place change of
+    a weight (load_state_dict, fine-tuning) which bumps the parameter's version counter, and a parameter or
+    module swapped for another (the count and the identities change).
+
+    Every restarted run checks it, so it walks the module tree with an explicit stack: `parameters()` nests
+    one generator per tree level and cost a sixth of a restarted forward on an 8-layer toy model."""
+    versions, identity, seen, visited = 0, 0, set(), set()
+    stack: list[torch.nn.Module] = [bridge]
+    while stack:
+        module = stack.pop()
+        if id(module) in visited:  # a module registered under two names (aliases) is walked once
+            continue
+        visited.add(id(module))
+        for param in module._parameters.values():
+            if param is not None and id(param) not in seen:
+                seen.add(id(param))
+                versions += param._version
+                identity ^= id(param)
+        stack.extend(child for child in module._modules.values() if child is not None)
+    return getattr(bridge.cfg, "attention_dir", None), versions, len(seen), identity
 
 
 def self_check(engine: MaskedEdgeEngine) -> None:
