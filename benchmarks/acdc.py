@@ -13,14 +13,18 @@ save the blocks before the receiver's layer, which in the sequential run are pla
 ratio is largest when the fixed part dominates (many edges per receiver, few short prompts) and falls
 toward ~2x as rows dominate (the speculative batches evaluate about twice the circuits, restarts save
 about half the blocks).
-Part 2 (SmolLM2-135M, IOI, one template): `acdc` on the first `--receivers` receivers in ACDC's order,
-timed per receiver, and a PROJECTION of the full run: each receiver's time is modelled as proportional
-to (its incoming edges) x (blocks its runs replay: n_layers - layer, and 0.3 for the logits' final norm
-and unembedding), fitted on the measured receivers. The projection assumes the measured receivers'
+Part 2 (SmolLM2-135M, IOI, one template), at each of --levels (edge: the full edge graph; head: a
+head's q, k and v inputs as one receiver): `acdc` on the first `--receivers` receivers in ACDC's order,
+timed per receiver, `acdc_sequential` on the same receivers at edge level (the measured ratio on the real
+model; skip with --skip-smollm-sequential), and a PROJECTION of the full run: each receiver's time is
+modelled as proportional to (its candidates) x (blocks its runs replay: n_layers - layer, and 0.3 for the
+logits' final norm and unembedding), fitted on the measured receivers (the last layer's: restarts save
+the most there, so the projection is optimistic). The projection assumes the measured receivers'
 speculation hit rate holds everywhere; read it as an order of magnitude. `--full` runs the whole graph.
 
 Run: .venv/bin/python benchmarks/acdc.py [--n 8] [--tau 0.01] [--ablation corrupt] [--wide-n 1 4]
-         [--wide-tau 1e-4] [--skip-wide] [--smollm-n 4] [--receivers 3] [--full] [--skip-smollm] [--threads N]
+         [--wide-tau 1e-4] [--skip-wide] [--smollm-n 4] [--receivers 3] [--levels edge head] [--full]
+         [--skip-smollm-sequential] [--skip-smollm] [--threads N]
 The machine may be shared: timings wobble, the ratio is the number to read.
 """
 
@@ -73,36 +77,42 @@ def part_same_graph(args: argparse.Namespace) -> None:
 
 def part_smollm(args: argparse.Namespace) -> None:
     from circuitlab import load_model
-    from circuitlab.discovery.acdc import acdc, incoming_edges, receiver_order
+    from circuitlab.discovery.acdc import acdc, acdc_sequential, search_order
     from circuitlab.tasks import make_task
 
     model = load_model("smollm2-135m")
     prepared = make_task("ioi", model, n=args.smollm_n, templates=[0]).prepare(model)
     acdc(model, prepared, tau=args.tau, ablation=args.ablation, receivers=1)  # warm-up
     limit = None if args.full else args.receivers
-    start = time.perf_counter()
-    found = acdc(model, prepared, tau=args.tau, ablation=args.ablation, receivers=limit)
-    wall = time.perf_counter() - start
-    graph = found.graph
-    n_layers = graph.shape.n_layers
-    print(f"[SmolLM2 IOI] {graph.n_edges} edges, {prepared.n_prompts} prompts, tau {args.tau}: {len(found.steps)} "
-          f"receivers in {wall:.1f} s, {found.n_forwards} forwards, {found.n_circuits} circuits")
-    for step in found.steps:
-        print(f"  {step.receiver:>10}: {step.edges:4d} edges, {step.removed:4d} removed, {step.forwards:4d} forwards, "
-              f"{step.seconds:7.2f} s{'  (skipped)' if step.skipped else ''}")
-    if args.full:
-        return
-    incoming = incoming_edges(graph)
+    for level in args.levels:
+        start = time.perf_counter()
+        found = acdc(model, prepared, tau=args.tau, ablation=args.ablation, receivers=limit, level=level)
+        wall = time.perf_counter() - start
+        graph, order = found.graph, search_order(found.graph, level)
+        n_layers = graph.shape.n_layers
+        print(f"[SmolLM2 IOI, {level} level] {graph.n_edges} edges in {sum(map(len, order.candidates))} candidates "
+              f"at {len(order.names)} receivers, {prepared.n_prompts} prompts, tau {args.tau}: {len(found.steps)} "
+              f"receivers in {wall:.1f} s, {found.n_forwards} forwards, {found.n_circuits} circuits")
+        for step in found.steps:
+            print(f"  {step.receiver:>10}: {step.edges:4d} edges, {step.removed:4d} removed, {step.forwards:4d} "
+                  f"forwards, {step.seconds:7.2f} s{'  (skipped)' if step.skipped else ''}")
+        if args.full:
+            continue
+        if level == "edge" and not args.skip_smollm_sequential:  # the reference on the same receivers
+            start = time.perf_counter()
+            plain = acdc_sequential(model, prepared, tau=args.tau, ablation=args.ablation, receivers=limit)
+            seq_wall = time.perf_counter() - start
+            same = bool(torch.equal(plain.in_graph, found.in_graph))
+            print(f"  sequential (baseline) on the same {len(plain.steps)} receivers: {seq_wall:.1f} s, "
+                  f"{plain.n_forwards} forwards; ratio {seq_wall / wall:.1f}x; same decisions: {same}")
 
-    def cost(r: int) -> float:
-        layer = graph.node_layer(graph.receivers[r].split("<")[0])
-        return len(incoming[r]) * (0.3 if layer == n_layers else n_layers - layer)
-
-    measured = [s for s in found.steps if not s.skipped]
-    rate = sum(s.seconds for s in measured) / max(sum(cost(graph.receiver_index[s.receiver]) for s in measured), 1e-9)
-    total = sum(cost(r) for r in receiver_order(graph)) * rate
-    print(f"  PROJECTION (not measured) of the full graph: {total / 3600:.1f} h (every receiver visited; skipped "
-          "receivers would make it shorter)")
+        costs = [len(order.candidates[i]) * (0.3 if order.layers[i] == n_layers else n_layers - order.layers[i])
+                 for i in range(len(order.names))]
+        measured = [i for i, step in enumerate(found.steps) if not step.skipped]
+        rate = sum(found.steps[i].seconds for i in measured) / max(sum(costs[i] for i in measured), 1e-9)
+        total = sum(costs) * rate
+        print(f"  PROJECTION (not measured) of the whole {level}-level graph: {total / 3600:.1f} h (every receiver "
+              "visited; skipped receivers would make it shorter)")
 
 
 def main() -> None:
@@ -116,6 +126,8 @@ def main() -> None:
     parser.add_argument("--smollm-n", type=int, default=4)
     parser.add_argument("--receivers", type=int, default=3)
     parser.add_argument("--full", action="store_true")
+    parser.add_argument("--levels", nargs="+", default=["edge", "head"], choices=["edge", "head"])
+    parser.add_argument("--skip-smollm-sequential", action="store_true")
     parser.add_argument("--skip-smollm", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()

@@ -357,8 +357,8 @@ DISCOVERY_METHODS = ("eap", "eap-ig", "eap-ig-act", "exact", "acdc", "prune", "g
 # method keeps its own defaults and an option a method does not take is a clear error (AnalysisError).
 _DISCOVER_FLAGS = {"score_metric": "--metric", "positions": "--positions", "ablation": "--ablation",
                    "top_n": "--top-n", "threshold": "--threshold", "target_faithfulness": "--target-faithfulness",
-                   "greedy": "--greedy", "steps": "--steps", "tau": "--tau", "target_edges": "--target-edges",
-                   "seed_nodes": "--seed-nodes", "max_edges": "--max-edges"}
+                   "greedy": "--greedy", "steps": "--steps", "tau": "--tau", "level": "--level",
+                   "target_edges": "--target-edges", "seed_nodes": "--seed-nodes", "max_edges": "--max-edges"}
 
 
 @app.command(epilog="Examples: circuitlab discover --method eap --task ioi --n 8 --top-n 200 --out out/discover\n\n"
@@ -388,6 +388,8 @@ def discover(
                                               "training steps")] = None,
     tau: Annotated[float | None, typer.Option("--tau", help="acdc: remove an edge when the metric moves by less "
                                               "than tau")] = None,
+    level: Annotated[str | None, typer.Option("--level", help="acdc: edge (q, k, v inputs apart) or head (a "
+                                              "head's three inputs as one receiver)")] = None,
     target_edges: Annotated[int | None, typer.Option("--target-edges", help="prune: edges the learned mask keeps")] = None,
     seed_nodes: Annotated[str | None, typer.Option("--seed-nodes", help="grow: comma-separated nodes to start from, "
                                                    "e.g. a5.h3,m7 (default: the logits)")] = None,
@@ -401,7 +403,7 @@ def discover(
     circuit.json (EAP-IG / MIB layout), its picture and its faithfulness."""
     given = {"score_metric": metric, "positions": positions, "ablation": ablation, "top_n": top_n,
              "threshold": threshold, "target_faithfulness": target, "greedy": greedy or None, "steps": steps,
-             "tau": tau, "target_edges": target_edges, "max_edges": max_edges,
+             "tau": tau, "level": level, "target_edges": target_edges, "max_edges": max_edges,
              "seed_nodes": tuple(s.strip() for s in seed_nodes.split(",") if s.strip()) if seed_nodes else None}
     # only the options given: the rest keep the method's defaults (values are the method's own option types)
     options: dict[str, Any] = {name: value for name, value in given.items() if value is not None}

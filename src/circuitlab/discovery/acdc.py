@@ -111,6 +111,58 @@ def receiver_senders(graph: Graph) -> list[int | None]:
     return [None if r == "logits" else graph.sender_index[r.split("<")[0]] for r in graph.receivers]
 
 
+LEVELS = ("edge", "head")
+
+
+def check_level(level: str) -> str:
+    """level: edge (every q, k and v input of a head is a receiver of its own, as in the edge graph) or
+    head (a head's q, k and v inputs are one receiver; an edge from a sender into them is removed whole)."""
+    if level not in LEVELS:
+        raise DiscoveryError(f"level must be 'edge' (q, k and v inputs apart) or 'head' (a head's three inputs "
+                             f"as one receiver), got {level!r}")
+    return level
+
+
+@dataclass(frozen=True)
+class SearchOrder:
+    """What ACDC visits, in its order: each receiver's name and layer, the sender index of its node (None
+    for the logits), and its candidates (edge-id groups removed together), latest sender first."""
+
+    names: list[str]
+    layers: list[int]
+    nodes: list[int | None]
+    candidates: list[list[EdgeIds]]
+
+
+def search_order(graph: Graph, level: str = "edge") -> SearchOrder:
+    """ACDC's receivers and candidates. level 'edge': the published order (`receiver_order`), one edge per
+    candidate. level 'head': the logits; then per layer, last first, the MLP and the heads H-1..0, each
+    head one receiver whose candidate from a sender holds that sender's edges into its q, k and v inputs."""
+    check_level(level)
+    incoming, node_of = incoming_edges(graph), receiver_senders(graph)
+    if level == "edge":
+        order = receiver_order(graph)
+        return SearchOrder([graph.receivers[r] for r in order],
+                           [graph.node_layer(graph.receivers[r].split("<")[0]) for r in order],
+                           [node_of[r] for r in order], [list(incoming[r].split(1)) for r in order])
+    shape, index = graph.shape, graph.receiver_index
+    groups: list[tuple[str, list[int]]] = [("logits", [index["logits"]])]
+    for layer in range(shape.n_layers - 1, -1, -1):
+        if not shape.attn_only:
+            groups.append((mlp_name(layer), [index[mlp_name(layer)]]))
+        for h in range(shape.n_heads - 1, -1, -1):
+            groups.append((head_name(layer, h), [index[receiver_name(head_name(layer, h), qkv)] for qkv in QKV]))
+    names, layers, nodes, candidates = [], [], [], []
+    for name, receivers in groups:
+        edges = torch.cat([incoming[r] for r in receivers])
+        senders = graph.edge_src[edges]
+        names.append(name)
+        layers.append(graph.node_layer(name))
+        nodes.append(node_of[receivers[0]])
+        candidates.append([edges[senders == s] for s in torch.unique(senders).flip(0).tolist()])
+    return SearchOrder(names, layers, nodes, candidates)
+
+
 # --- the result ------------------------------------------------------------------------------------------
 
 @dataclass
@@ -153,6 +205,7 @@ class ACDCRun:
     n_circuits: int = 0
     n_forwards: int = 0
     variant: str = "batched"
+    level: str = "edge"
 
     @property
     def tested(self) -> Bool[torch.Tensor, " edge"]:
@@ -240,17 +293,15 @@ class CircuitMetric:
 class _Search:
     """The state both variants share: current coefficients, scores, the current metric and the log."""
 
-    def __init__(self, graph: Graph, tau: float, higher_is_better: bool, full_metric: float):
-        self.graph, self.tau, self.higher_is_better = graph, tau, higher_is_better
+    def __init__(self, graph: Graph, order: SearchOrder, tau: float, higher_is_better: bool, full_metric: float):
+        self.graph, self.order, self.tau, self.higher_is_better = graph, order, tau, higher_is_better
         self.coefficients = torch.ones(graph.n_edges)
         self.scores = torch.full((graph.n_edges,), math.nan)
         self.current = full_metric
-        self.incoming = incoming_edges(graph)
-        self.node_of = receiver_senders(graph)
         by_sender = torch.argsort(graph.edge_src, stable=True)
         self.outgoing = list(torch.split(by_sender, torch.bincount(graph.edge_src, minlength=graph.n_senders).tolist()))
         self.steps: list[ReceiverStep] = []
-        self.n_tested = 0  # edges tested so far, and how many of them were removed
+        self.n_tested = 0  # candidates tested so far, and how many of them were removed
         self.n_removed = 0
 
     def removal_likely(self) -> bool:
@@ -265,19 +316,19 @@ class _Search:
         return self.damage(metric, reference) < self.tau
 
     def connected(self, receiver: int) -> bool:
-        """Whether the receiver's node still sends along an edge of the current circuit."""
-        sender = self.node_of[receiver]
+        """Whether receiver `receiver` (its place in the order)'s node still sends along a kept edge."""
+        sender = self.order.nodes[receiver]
         if sender is None:
             return True
         return bool((self.coefficients[self.outgoing[sender]] > 0).any())
 
-    def decide(self, edge: int, metric: float, reference: float) -> bool:
-        """Record edge's test (its metric without it against its reference); remove it when ACDC's rule
-        says so. Returns whether it was removed."""
-        self.scores[edge] = metric - reference
+    def decide(self, candidate: EdgeIds, metric: float, reference: float) -> bool:
+        """Record a candidate's test (the metric without its edges against its reference); remove its edges
+        when ACDC's rule says so. Returns whether it was removed."""
+        self.scores[candidate] = metric - reference
         self.n_tested += 1
         if self.removes(metric, reference):
-            self.coefficients[edge] = 0.0
+            self.coefficients[candidate] = 0.0
             self.current = metric
             self.n_removed += 1
             return True
@@ -292,63 +343,73 @@ def _setup(model: Model, task: Task | PreparedTask, *, tau: float, ablation: str
 
 def _run(model: Model, task: Task | PreparedTask, variant: str, *, tau: float, ablation: str, metric: str | None,
          positions: str, graph: Graph | None, seed: int, receivers: int | None,
-         rows_per_forward: int | None) -> ACDCRun:
+         rows_per_forward: int | None, level: str) -> ACDCRun:
+    check_level(level)
     prepared, engine, scorer = _setup(model, task, tau=tau, ablation=ablation, metric=metric, positions=positions,
                                       graph=graph)
     g = engine.graph
     evaluate = CircuitMetric(engine, prepared, scorer, ablation, seed=seed, restart=variant == "batched",
                              rows_per_forward=rows_per_forward)
     full = evaluate(torch.ones(g.n_edges), torch.zeros(0, dtype=torch.long), torch.zeros(1, 0, dtype=torch.bool))[0]
-    search = _Search(g, check_tau(tau), scorer.higher_is_better, full)
-    order = receiver_order(g)
+    order = search_order(g, level)
+    search = _Search(g, order, check_tau(tau), scorer.higher_is_better, full)
+    visit = len(order.names)
     if receivers is not None:
-        if isinstance(receivers, bool) or not isinstance(receivers, int) or not 1 <= receivers <= len(order):
-            raise DiscoveryError(f"receivers must be an integer in [1, {len(order)}] (the first receivers in "
+        if isinstance(receivers, bool) or not isinstance(receivers, int) or not 1 <= receivers <= visit:
+            raise DiscoveryError(f"receivers must be an integer in [1, {visit}] (the first receivers in "
                                  f"ACDC's order), got {receivers!r}")
-        order = order[:receivers]
+        visit = receivers
     step = _test_sequential if variant == "sequential" else _test_batched
-    with progress_bar(len(order), f"acdc ({variant})") as advance:
-        for receiver in order:
+    with progress_bar(visit, f"acdc ({variant}, {level} level)") as advance:
+        for i in range(visit):
             started, forwards = time.perf_counter(), evaluate.n_forwards
-            edges = search.incoming[receiver]
-            name = g.receivers[receiver]
-            layer = g.node_layer(name.split("<")[0])
-            if search.connected(receiver):
-                removed = step(search, evaluate, edges)
+            candidates = order.candidates[i]
+            n_edges = sum(len(c) for c in candidates)
+            if search.connected(i):
+                removed = sum(len(c) for c in step(search, evaluate, candidates))
                 skipped = False
             else:
-                search.coefficients[edges] = 0.0
-                removed, skipped = len(edges), True
-            search.steps.append(ReceiverStep(name, layer, len(edges), 0 if skipped else len(edges), removed, skipped,
-                                             evaluate.n_forwards - forwards, time.perf_counter() - started))
+                for candidate in candidates:
+                    search.coefficients[candidate] = 0.0
+                removed, skipped = n_edges, True
+            search.steps.append(ReceiverStep(order.names[i], order.layers[i], n_edges, 0 if skipped else n_edges,
+                                             removed, skipped, evaluate.n_forwards - forwards,
+                                             time.perf_counter() - started))
             advance(1)
     return ACDCRun(g, search.coefficients > 0, search.scores, float(tau), ablation, scorer.name, positions,
                    scorer.higher_is_better, prepared.n_prompts, full, search.current, search.steps,
-                   evaluate.n_circuits, evaluate.n_forwards, variant)
+                   evaluate.n_circuits, evaluate.n_forwards, variant, level)
 
 
-def _test_sequential(search: _Search, evaluate: CircuitMetric, edges: EdgeIds) -> int:
-    """One masked run per edge, against the current circuit. Returns the edges removed."""
-    removed = 0
+def _removal_rows(candidates: list[EdgeIds], off: Bool[torch.Tensor, "k n"]) -> tuple[EdgeIds, Bool[torch.Tensor, "k e"]]:
+    """The edge ids of `candidates` side by side and `off` (rows x candidates) spread over their edges."""
+    sizes = torch.tensor([len(c) for c in candidates])
+    return torch.cat(candidates), off.repeat_interleave(sizes, dim=1)
+
+
+def _test_sequential(search: _Search, evaluate: CircuitMetric, candidates: list[EdgeIds]) -> list[EdgeIds]:
+    """One masked run per candidate, against the current circuit. Returns the candidates removed."""
+    removed = []
     one = torch.ones(1, 1, dtype=torch.bool)
-    for edge in edges.tolist():
-        value = evaluate(search.coefficients, torch.tensor([edge]), one)[0]
-        removed += search.decide(edge, value, search.current)
+    for candidate in candidates:
+        value = evaluate(search.coefficients, *_removal_rows([candidate], one))[0]
+        if search.decide(candidate, value, search.current):
+            removed.append(candidate)
     return removed
 
 
-def _test_batched(search: _Search, evaluate: CircuitMetric, edges: EdgeIds) -> int:
-    """The edges of one receiver in speculative batches (module docstring). Returns the edges removed."""
-    pending = edges.tolist()
+def _test_batched(search: _Search, evaluate: CircuitMetric, candidates: list[EdgeIds]) -> list[EdgeIds]:
+    """The candidates of one receiver in speculative batches (module docstring). Returns those removed."""
+    pending = list(candidates)
     predicted = [search.removal_likely()] * len(pending)  # first batch: the run's majority decision so far
     window = len(pending)
-    removed = 0
+    removed = []
     while pending:
         n = min(window, len(pending))
         ahead = torch.tensor(predicted[:n], dtype=torch.bool)
         # row i ablates the candidates before i predicted to be removed, and candidate i itself
         off = torch.tril(ahead.unsqueeze(0).expand(n, n), diagonal=-1) | torch.eye(n, dtype=torch.bool)
-        values = evaluate(search.coefficients, torch.tensor(pending[:n]), off)
+        values = evaluate(search.coefficients, *_removal_rows(pending[:n], off))
         chain = _chain(values, predicted[:n], search.current)
         decisions = [search.removes(value, reference) for value, reference in chain]
         # Accept in order while decisions match their predictions; the first mismatch is still right (its
@@ -356,7 +417,8 @@ def _test_batched(search: _Search, evaluate: CircuitMetric, edges: EdgeIds) -> i
         wrong = [i for i in range(n) if decisions[i] != predicted[i]]
         accepted = wrong[0] + 1 if wrong else n
         for i in range(accepted):
-            removed += search.decide(pending[i], values[i], search.current)
+            if search.decide(pending[i], values[i], search.current):
+                removed.append(pending[i])
         pending, predicted = pending[accepted:], decisions[accepted:n] + predicted[n:]
         # A mispredicted batch wastes the rows after the mismatch: batch about twice what the last one
         # accepted (at least MIN_WINDOW), so a run of surprises costs little and a run of hits grows fast.
@@ -377,19 +439,21 @@ def _chain(values: list[float], predicted: list[bool], start: float) -> list[tup
 
 def acdc_sequential(model: Model, task: Task | PreparedTask, *, tau: float = DEFAULT_TAU, ablation: str = "corrupt",
                     metric: str | None = "kl", positions: str = "last", graph: Graph | None = None, seed: int = 0,
-                    receivers: int | None = None) -> ACDCRun:
+                    receivers: int | None = None, level: str = "edge") -> ACDCRun:
     """ACDC as published, the reference: one full masked run per tested edge (module docstring).
 
     metric: kl (default), l2 or a task metric (None: the task's own); positions: last | all; receivers:
-    visit only the first this many receivers in ACDC's order (a partial run, e.g. to time a large graph).
+    visit only the first this many receivers in ACDC's order (a partial run, e.g. to time a large graph);
+    level: edge (default: q, k and v inputs apart) or head (a head's three inputs as one receiver, an
+    edge into them removed whole: a third of the tests; `search_order`).
     """
     return _run(model, task, "sequential", tau=tau, ablation=ablation, metric=metric, positions=positions,
-                graph=graph, seed=seed, receivers=receivers, rows_per_forward=None)
+                graph=graph, seed=seed, receivers=receivers, rows_per_forward=None, level=level)
 
 
 def acdc(model: Model, task: Task | PreparedTask, *, tau: float = DEFAULT_TAU, ablation: str = "corrupt",
          metric: str | None = "kl", positions: str = "last", graph: Graph | None = None, seed: int = 0,
-         receivers: int | None = None, rows_per_forward: int | None = None) -> ACDCRun:
+         receivers: int | None = None, rows_per_forward: int | None = None, level: str = "edge") -> ACDCRun:
     """ACDC with restarted runs and speculative batches: the circuit of `acdc_sequential`, faster.
 
     rows_per_forward: prompt rows (circuits x prompts) per masked forward (default: what fits about
@@ -399,5 +463,5 @@ def acdc(model: Model, task: Task | PreparedTask, *, tau: float = DEFAULT_TAU, a
                                          or rows_per_forward < 1):
         raise DiscoveryError(f"rows_per_forward must be a positive integer, got {rows_per_forward!r}")
     return _run(model, task, "batched", tau=tau, ablation=ablation, metric=metric, positions=positions,
-                graph=graph, seed=seed, receivers=receivers, rows_per_forward=rows_per_forward)
+                graph=graph, seed=seed, receivers=receivers, rows_per_forward=rows_per_forward, level=level)
 

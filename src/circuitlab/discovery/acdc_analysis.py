@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from circuitlab.analysis import Analysis
-from circuitlab.discovery.acdc import DEFAULT_TAU, ACDCRun, acdc, check_tau
+from circuitlab.discovery.acdc import DEFAULT_TAU, ACDCRun, acdc, check_level, check_tau
 from circuitlab.discovery.analysis import Discovery, answers_optional
 from circuitlab.discovery.faithfulness import CircuitEvaluator, faithfulness_of
 from circuitlab.discovery.metrics import check_metric_name
@@ -34,18 +34,21 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class ACDCParams:
     """ablation: corrupt | mean | zero | resample. score_metric: kl (default), l2 or a task metric.
-    positions: last | all. tau: remove an edge whose removal moves the metric by less than tau (>= 0)."""
+    positions: last | all. tau: remove an edge whose removal moves the metric by less than tau (>= 0).
+    level: edge (q, k and v inputs apart) or head (a head's three inputs as one receiver)."""
 
     ablation: str = "corrupt"
     score_metric: str | None = "kl"
     positions: str = "last"
     tau: float = DEFAULT_TAU
+    level: str = "edge"
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_ablation(self.ablation)
         check_metric_name(self.score_metric, self.positions)
         check_tau(self.tau)
+        check_level(self.level)
 
 
 @dataclass
@@ -69,7 +72,7 @@ class ACDCDiscovery:
         for key in ("selection", "selection_value", "greedy"):
             out.pop(key, None)
         skipped = sum(step.skipped for step in run.steps)
-        out.update({"tau": run.tau, "final_metric": run.final_metric, "edges_tested": int(run.tested.sum()),
+        out.update({"tau": run.tau, "level": run.level, "final_metric": run.final_metric, "edges_tested": int(run.tested.sum()),
                     "edges_removed": run.graph.n_edges - run.n_edges, "receivers_visited": len(run.steps) - skipped,
                     "receivers_skipped": skipped, "circuits_evaluated": run.n_circuits, "forwards": run.n_forwards})
         return out
@@ -86,7 +89,7 @@ def discover_acdc(model: Model, task: Task, params: ACDCParams) -> ACDCDiscovery
     unchanged, so faithfulness is undefined)."""
     prepared = task.prepare(model)
     run = acdc(model, prepared, tau=params.tau, ablation=params.ablation, metric=params.score_metric,
-               positions=params.positions, seed=params.seed)
+               positions=params.positions, seed=params.seed, level=params.level)
     circuit = run.circuit(model)
     with status("measuring faithfulness"):
         try:

@@ -30,6 +30,7 @@ def test_discover_bad_inputs_are_one_line_errors(tmp_path, toy_dir, task_file):
     cases = [
         (["--method", "bogus"], "unknown discovery method 'bogus'"),
         (["--method", "eap", "--tau", "0.1"], "--tau does not apply to --method eap"),
+        (["--method", "prune", "--level", "head"], "--level does not apply to --method prune"),
         (["--method", "exact", "--tau", "3", "--max-edges", "4"], "--tau, --max-edges does not apply"),
         (["--threshold", "-0.5"], "threshold must be a number >= 0"),
         (["--target-faithfulness", "1.5"], "(0, 1]"),
@@ -135,10 +136,11 @@ def test_discover_grad_and_heads_bad_inputs(tmp_path, toy_dir, task_file):
 def test_discover_acdc_on_the_toy_model(tmp_path, toy_dir, task_file):
     out = tmp_path / "acdc"
     res = runner.invoke(app, ["discover", "--method", "acdc", "--tau", "0.02", "--ablation", "zero", "--model",
-                              str(toy_dir), "--task", str(task_file), "--out", str(out)])
+                              str(toy_dir), "--task", str(task_file), "--out", str(out), "--level", "head"])
     assert res.exit_code == 0, res.output
     result = load_results(out)
     assert result.command == "discover/acdc" and result.params["tau"] == 0.02
+    assert result.params["level"] == "head" and result.summary["level"] == "head"
     assert result.summary["metric"] == "kl" and result.summary["method"] == "acdc"
     edges = json.loads((out / "circuit.json").read_text())["edges"]
     assert sum(e["in_graph"] for e in edges.values()) == result.summary["circuit_edges"]
@@ -148,6 +150,7 @@ def test_discover_acdc_on_the_toy_model(tmp_path, toy_dir, task_file):
 def test_discover_acdc_bad_inputs(tmp_path, toy_dir, task_file):
     base = ["discover", "--method", "acdc", "--model", str(toy_dir), "--task", str(task_file), "--out", str(tmp_path / "d")]
     for extra, message in [(["--tau", "-0.5"], "tau must be a finite number >= 0"),
+                           (["--level", "node"], "level must be 'edge'"),
                            (["--top-n", "5"], "--top-n does not apply to --method acdc")]:
         res = runner.invoke(app, [*base, *extra])
         assert res.exit_code == 2 and message in res.output, (extra, res.output)

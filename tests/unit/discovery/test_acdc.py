@@ -15,6 +15,7 @@ from circuitlab.discovery.acdc import (
     check_tau,
     incoming_edges,
     receiver_order,
+    search_order,
 )
 from circuitlab.discovery.acdc_analysis import ACDCParams
 from circuitlab.discovery.ground_truth import HANDSET, load_ground_truth
@@ -40,6 +41,38 @@ def test_receivers_and_edges_follow_the_published_order():
     assert into["m1"] == ["a1.h1", "a1.h0", "m0", "a0.h1", "a0.h0", "input"]
     assert into["a1.h0<k>"] == ["m0", "a0.h1", "a0.h0", "input"]
     assert sum(len(edges) for edges in incoming) == graph.n_edges
+
+
+def test_head_level_order_groups_each_senders_q_k_v_edges():
+    """level 'head': a head's q, k and v inputs are one receiver (heads H-1..0 after the MLP, per layer last
+    first), and its candidate from one sender holds that sender's three edges into it."""
+    graph = Graph(GraphShape(n_layers=2, n_heads=2))
+    order = search_order(graph, "head")
+    assert order.names == ["logits", "m1", "a1.h1", "a1.h0", "m0", "a0.h1", "a0.h0"]
+    into = order.candidates[order.names.index("a1.h0")]
+    assert [graph.edges[int(c[0])].split("->")[0] for c in into] == ["m0", "a0.h1", "a0.h0", "input"]
+    assert sorted(graph.edges[e] for e in into[0].tolist()) == ["m0->a1.h0<k>", "m0->a1.h0<q>", "m0->a1.h0<v>"]
+    every = torch.cat([c for candidates in order.candidates for c in candidates])
+    assert sorted(every.tolist()) == list(range(graph.n_edges))  # each edge in exactly one candidate
+    edge = search_order(graph, "edge")
+    assert edge.names == [graph.receivers[r] for r in receiver_order(graph)]
+    assert all(len(c) == 1 for candidates in edge.candidates for c in candidates)
+    with pytest.raises(DiscoveryError, match="level must be"):
+        search_order(graph, "node")
+
+
+@pytest.mark.parametrize("ablation, tau", [("corrupt", 0.002), ("zero", 0.01)])
+def test_head_level_batched_equals_sequential_and_removes_q_k_v_together(toy, names_task, ablation, tau):
+    fast = acdc(toy, names_task, tau=tau, ablation=ablation, level="head")
+    plain = acdc_sequential(toy, names_task, tau=tau, ablation=ablation, level="head")
+    assert _margin(plain, tau) > 100 * EPS  # as in the edge-level test below
+    assert torch.equal(fast.in_graph, plain.in_graph) and fast.level == "head"
+    candidates = [c for cs in search_order(fast.graph, "head").candidates for c in cs]
+    for candidate in candidates:  # a sender's edges into a head's q, k and v: all kept or all removed
+        assert bool(fast.in_graph[candidate].all()) or not bool(fast.in_graph[candidate].any())
+    tested = sum(1 for c in candidates if not math.isnan(float(plain.scores[c[0]])))
+    assert plain.n_circuits == tested + 1  # one run per tested candidate, plus the full model
+    assert tested < int(acdc(toy, names_task, tau=tau, ablation=ablation).tested.sum())
 
 
 def _margin(result, tau):
