@@ -83,7 +83,8 @@ def final_input_hook(bridge: TransformerBridge) -> str:
 
 @dataclass
 class CleanRun:
-    """One plain forward of `tokens`, recorded for restarted masked runs (`MaskedEdgeEngine.record`).
+    """One forward of `tokens`, recorded for restarted masked runs (`MaskedEdgeEngine.record`): the plain
+    forward, or a masked one (`base` coefficients with the ablated outputs of `ablated_key`).
 
     outputs: every sender's output [sender, batch, pos, d_model] (graph order); calls: each block's
     (args, kwargs) from layer 0 on (residual first, then the attention mask, rotary tables, position ids
@@ -96,15 +97,22 @@ class CleanRun:
     final: Float[torch.Tensor, "batch pos d_model"]
     fingerprint: tuple[Any, ...]
     _diffs: tuple[tuple[Any, ...], torch.Tensor] | None = None
+    base: Float[torch.Tensor, " edge"] | None = None  # a masked record's coefficients (None: every edge kept)
+    ablated_key: tuple[Any, ...] | None = None  # and the ablated outputs it ran with
 
     def differences(self, ablated: SenderOutputs) -> Float[torch.Tensor, "sender batch_pos_d"]:
         """out_s - abl_s of every sender in this run, flattened per sender; cached for the last `ablated`
         (every restarted run of a sweep shares them)."""
-        key = (ablated.data_ptr(), tuple(ablated.shape), ablated._version)
+        key = ablated_key(ablated)
         if self._diffs is None or self._diffs[0] != key:
             diffs = (self.outputs - ablated).reshape(self.outputs.shape[0], -1)
             self._diffs = (key, diffs)
         return self._diffs[1]
+
+
+def ablated_key(ablated: SenderOutputs) -> tuple[Any, ...]:
+    """Which ablated outputs these are: storage, shape and version (an in-place change bumps it)."""
+    return (ablated.data_ptr(), tuple(ablated.shape), ablated._version)
 
 
 class MaskedEdgeEngine:
@@ -161,8 +169,11 @@ class MaskedEdgeEngine:
         return torch.cat(parts, dim=0)
 
     @torch.no_grad()
-    def record(self, tokens: Tokens) -> CleanRun:
-        """One plain forward of `tokens` recording what restarted runs need (`CleanRun`)."""
+    def record(self, tokens: Tokens, coefficients: Float[torch.Tensor, " edge"] | None = None,
+               ablated: SenderOutputs | None = None) -> CleanRun:
+        """One forward of `tokens` recording what restarted runs need (`CleanRun`): the plain forward, or
+        with `coefficients` ([n_edges]) and their `ablated` outputs the masked run, so that runs differing
+        from it only on edges into late layers restart there (e.g. a circuit without one of its nodes)."""
         self.model.check_tokens(tokens)
         bridge, calls, final = self.bridge, {}, []
 
@@ -174,21 +185,36 @@ class MaskedEdgeEngine:
         def capture_final(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
             final.append(args[0].detach())
 
+        base = None if coefficients is None else self.graph.check_coefficients(coefficients.detach())
+        if base is not None and (base.shape[0] != 1 or ablated is None):
+            raise GraphError("a masked record takes one coefficient set [n_edges] and the ablated outputs its runs "
+                             "will use (ablated=...)")
         head = bridge.ln_final if self.final_hook == hook_name("final_norm_in") else bridge.unembed
         handles = [bridge.blocks[layer].register_forward_pre_hook(capture(layer), with_kwargs=True)
                    for layer in range(self.graph.shape.n_layers)]
         handles.append(head.register_forward_pre_hook(capture_final))
         try:
-            outputs = self.sender_outputs(tokens)
+            if base is None:
+                return CleanRun(tokens.clone(), self.sender_outputs(tokens), calls, final[-1], _fingerprint(bridge))
+            assert ablated is not None
+            ablated = self._check_ablated(ablated, tokens)
+            state = _RunState(self, base, ablated, 1, tokens.shape[0])
+            bridge.run_with_hooks(tokens, fwd_hooks=state.hooks(), return_type=None)
         finally:
             for handle in handles:
                 handle.remove()
-        return CleanRun(tokens.clone(), outputs, calls, final[-1], _fingerprint(bridge))
+        assert state.buffer is not None
+        diffs = state.buffer[0]  # [sender, batch*pos*d]: this run's out_s - abl_s, kept exact for restarts
+        outputs = diffs.view(self.graph.n_senders, tokens.shape[0], tokens.shape[1], -1) + ablated
+        key = ablated_key(ablated)
+        return CleanRun(tokens.clone(), outputs, calls, final[-1], _fingerprint(bridge), (key, diffs), base[0].clone(),
+                        key)
 
-    def restart_layer(self, coefficients: Coefficients) -> int:
-        """The earliest layer holding a receiver with an incoming coefficient != 1 in any row ([n_edges] or
-        [k, n_edges]); n_layers when only edges into the logits change (or none)."""
-        changed = (coefficients.detach() != 1).reshape(-1, self.graph.n_edges).any(dim=0)
+    def restart_layer(self, coefficients: Coefficients, base: Float[torch.Tensor, " edge"] | None = None) -> int:
+        """The earliest layer holding a receiver with an incoming coefficient != base's (default 1) in any
+        row ([n_edges] or [k, n_edges]); n_layers when only edges into the logits differ (or none)."""
+        reference = 1.0 if base is None else base
+        changed = (coefficients.detach() != reference).reshape(-1, self.graph.n_edges).any(dim=0)
         layers = self.edge_layer[changed]
         return int(layers.min()) if layers.numel() else self.graph.shape.n_layers
 
@@ -220,7 +246,7 @@ class MaskedEdgeEngine:
         if max_batch is not None and max_batch < 1:
             raise GraphError(f"max_batch must be at least 1 (rows per masked forward), got {max_batch}")
         if record is not None:
-            self._check_record(record, tokens)
+            self._check_record(record, tokens, ablated)
         if positions is not None and (positions.ndim != 2 or positions.shape[0] != tokens.shape[0]
                                       or bool((positions < 0).any()) or bool((positions >= tokens.shape[1]).any())):
             raise GraphError(f"positions must be [batch ({tokens.shape[0]}), n_read] indices below {tokens.shape[1]}, "
@@ -240,7 +266,7 @@ class MaskedEdgeEngine:
         grad = torch.is_grad_enabled() and coeff.requires_grad
         start = 0
         if record is not None and not grad and self.restart_error is None:
-            start = self.restart_layer(coeff)
+            start = self.restart_layer(coeff, record.base)
         with torch.set_grad_enabled(grad):
             state = _RunState(self, coeff, ablated, k, batch, start=start, record=record)
             if start == 0:
@@ -292,13 +318,16 @@ class MaskedEdgeEngine:
         cap = float(getattr(self.model.cfg, "output_logits_soft_cap", -1.0) or -1.0)
         return torch.tanh(logits / cap) * cap if cap > 0 else logits
 
-    def _check_record(self, record: CleanRun, tokens: Tokens) -> None:
+    def _check_record(self, record: CleanRun, tokens: Tokens, ablated: SenderOutputs) -> None:
         if record.tokens.shape != tokens.shape or not torch.equal(record.tokens, tokens):
             raise GraphError("the recorded clean run is for other tokens; record the tokens of this run with "
                              "engine.record(tokens)")
         if record.fingerprint != _fingerprint(self.bridge):
             raise GraphError("the model changed (a weight or its attention config) since the clean run was "
                              "recorded; record it again with engine.record(tokens)")
+        if record.ablated_key is not None and record.ablated_key != ablated_key(ablated):
+            raise GraphError("the masked run was recorded with other ablated outputs; record it again with "
+                             "engine.record(tokens, coefficients, ablated) for the ablated outputs of this run")
 
     def _check_ablated(self, ablated: SenderOutputs, tokens: Tokens) -> SenderOutputs:
         want = (self.graph.n_senders, tokens.shape[1], self.graph.shape.d_model or ablated.shape[-1])

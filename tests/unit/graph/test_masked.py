@@ -262,6 +262,43 @@ def test_restarted_runs_equal_full_runs(name, arch_models):
     assert (chunked - full).abs().max() < tol(full)
 
 
+@pytest.mark.parametrize("name", [*ARCHITECTURES, *(f"hf_{kind}" for kind in HF_KINDS)])
+def test_runs_restarted_from_a_masked_record_equal_full_runs(name, arch_models):
+    """A record of a masked run (a random base: every edge in (0, 1] or 0) serves rows that differ from the
+    base only on edges into layers >= r: they restart at r and equal the full masked run up to `tol`; the
+    restart layer is measured from the base, not from 1."""
+    model = arch_models(name)
+    engine = MaskedEdgeEngine(model)
+    clean, corrupt = prompts(model, seed=11, n_pos=7)
+    ablated = ablated_outputs(engine, "corrupt", clean, corrupt=corrupt)
+    gen = torch.Generator().manual_seed(12)
+    base = torch.rand(engine.graph.n_edges, generator=gen)
+    base[torch.rand(engine.graph.n_edges, generator=gen) < 0.5] = 0.0  # a circuit-like base: half the edges off
+    record = engine.record(clean, base, ablated)
+    rows = late_rows(engine, gen)
+    rows = torch.where(rows == 1.0, base, rows)  # each row: the base, other values from its restart layer on
+    with torch.no_grad():
+        full = engine.run(clean, rows, ablated)
+        same = engine.run(clean, base, ablated, record=record)  # nothing differs: only the unembedding runs
+        calls = BlockCalls(model.bridge)
+        try:
+            for i, row in enumerate(rows):
+                assert engine.restart_layer(row, base) == i + 1 and engine.restart_layer(row) == 0
+                before = list(calls.counts)
+                got = engine.run(clean, row, ablated, record=record)
+                ran = [after - b for after, b in zip(calls.counts, before, strict=True)]
+                assert ran == [0] * (i + 1) + [1] * (len(ran) - i - 1)  # only blocks from the restart layer on
+                assert (got - full[i]).abs().max() < tol(full[i])
+        finally:
+            calls.close()
+    assert (same - engine.run(clean, base, ablated)).abs().max() < tol(same)
+    other = ablated_outputs(engine, "zero", clean)
+    with pytest.raises(GraphError, match="other ablated outputs"):
+        engine.run(clean, rows[0], other, record=record)
+    with pytest.raises(GraphError, match="ablated"):
+        engine.record(clean, base)
+
+
 def test_restart_with_grad_chunks_and_errors(toy):
     """Coefficients that require grad run in full (upstream edges need their gradient); max_batch only
     changes the cost, with grad too; a record of other tokens, a bad max_batch and a disabled restart."""
