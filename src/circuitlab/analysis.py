@@ -34,6 +34,13 @@ class NoParams:
     """For analyses that take no options of their own."""
 
 
+# ``shard_map(fn, payload)`` -> ``[fn(model, shard, params, payload) for shard in the run's shards]``, in task
+# order, computed where the shards run (Ray workers, or this process for a resumable local run) and saved as
+# they finish, so `--resume` reuses them. `fn` must be a module-level function (workers import it by name);
+# `payload` is tensors, numbers, strings, lists, dicts or dataclasses of them (it is part of each shard's key).
+ShardMap = Callable[[Callable[..., Any], Any], list[Any]]
+
+
 @dataclass(frozen=True)
 class ShardSpec(Generic[P]):
     """How an analysis runs on shards of its prompts (``--backend ray``; see docs/METHODS.md,
@@ -45,11 +52,16 @@ class ShardSpec(Generic[P]):
         `compute` on the whole task up to float summation order; `partials` come in the task's prompt order.
     check: optional; raises a `CircuitlabError` for options under which shards cannot be merged exactly
         (e.g. a mean ablation, whose mean runs over every prompt of a token-length group).
+    merge_with_shards: optional, used instead of `merge` when set: ``merge_with_shards(model, task, partials,
+        params, shard_map)`` for a merge that needs further passes over the same shards (e.g. the masked
+        runs of a faithfulness curve, whose circuits are known only once the merged scores are). See
+        `ShardMap`.
     """
 
     partial: Callable[[Model, Task, P], Any]
     merge: Callable[[Model, Task, list[Any], P], AnalysisResult]
     check: Callable[[P], None] | None = None
+    merge_with_shards: Callable[[Model, Task, list[Any], P, ShardMap], AnalysisResult] | None = None
 
 
 @dataclass(frozen=True)

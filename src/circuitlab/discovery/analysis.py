@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from circuitlab.analysis import Analysis, ShardSpec
+from circuitlab.analysis import Analysis, ShardMap, ShardSpec
 from circuitlab.discovery.faithfulness import (
     CircuitEvaluator,
     FaithfulnessCurve,
-    faithfulness_curve,
-    faithfulness_of,
+    TaskMetric,
+    curve_masks,
+    finish_curve,
     smallest_faithful_circuit,
+    undefined_reason,
 )
 from circuitlab.discovery.head_map import HeadsParams, discover_heads
 from circuitlab.discovery.metrics import DISTANCE_METRICS, check_metric_name
@@ -176,21 +179,52 @@ def discover(model: Model, task: Task, method: str, params: DiscoverParams) -> D
 
 
 def measure(model: Model, prepared: PreparedTask, scoring: EdgeScoring, params: DiscoverParams) -> Discovery:
-    """The faithfulness curve and the chosen circuit of these edge scores (the second half of `discover`)."""
-    graph = scoring.graph
+    """The faithfulness curve and the chosen circuit of these edge scores (the second half of `discover`),
+    the masked runs in this process."""
     with status("measuring faithfulness"):
         evaluator = CircuitEvaluator(model, prepared, ablation=params.ablation, metric=params.score_metric,
-                                     positions=params.positions, graph=graph, seed=params.seed)
-        curve = faithfulness_curve(evaluator, scoring, greedy=params.greedy) if params.curve else None
-        mode, value = params.selection
-        if mode == "target_faithfulness":
-            assert curve is not None
-            circuit, faithful = smallest_faithful_circuit(evaluator, scoring, float(value), curve=curve,
-                                                          greedy=params.greedy)
-        else:
-            circuit = select(graph, scoring.scores, top_n=params.top_n, threshold=params.threshold,
-                             greedy=params.greedy, model=model)
-            faithful = faithfulness_of(evaluator, circuit)
+                                     positions=params.positions, graph=scoring.graph, seed=params.seed)
+        return measure_with(model, scoring, params, evaluator.metric, ends=(evaluator.full, evaluator.empty))
+
+
+def measure_with(model: Model, scoring: EdgeScoring, params: DiscoverParams,
+                 evaluate: Callable[[torch.Tensor], torch.Tensor], *,
+                 ends: tuple[float, float] | None = None) -> Discovery:
+    """The curve and the chosen circuit from `evaluate(masks [k, edge]) -> mean metric [k]` over the whole task,
+    however the masked runs happen (one process: `CircuitEvaluator.metric`; prompt shards: `_shard`).
+
+    Every circuit known from the scores alone runs in one call: the curve's sizes, the top-n or threshold
+    circuit, and m(full), m(empty) unless `ends` gives them (two more rows). The target-faithfulness
+    bisection then calls `evaluate` once per step.
+    """
+    graph = scoring.graph
+    mode, value = params.selection
+    none = torch.zeros(0, graph.n_edges, dtype=torch.bool)
+    both_ends = torch.stack([torch.ones(graph.n_edges, dtype=torch.bool), torch.zeros(graph.n_edges, dtype=torch.bool)])
+    curve_rows = curve_masks(graph, scoring, greedy=params.greedy) if params.curve else none
+    chosen = None
+    if mode != "target_faithfulness":
+        chosen = select(graph, scoring.scores, top_n=params.top_n, threshold=params.threshold, greedy=params.greedy,
+                        model=model)
+    means = evaluate(torch.cat([both_ends if ends is None else none, curve_rows,
+                                none if chosen is None else chosen.in_graph.unsqueeze(0)]))
+    if ends is None:
+        ends, means = (float(means[0]), float(means[1])), means[2:]
+        if (reason := undefined_reason(*ends, scoring.metric)) is not None:
+            raise DiscoveryError(reason)
+    metric = TaskMetric(graph, evaluate, *ends, scoring.metric, model)
+    curve = None
+    if params.curve:
+        curve = finish_curve(curve_rows, means[:len(curve_rows)], metric.full, metric.empty, metric.name,
+                             params.greedy)
+    if chosen is None:
+        assert curve is not None  # DiscoverParams: target faithfulness needs the curve
+        circuit, faithful = smallest_faithful_circuit(metric, scoring, float(value), curve=curve,
+                                                      greedy=params.greedy)
+    else:
+        circuit = chosen
+        faithful = float((means[-1] - metric.empty) / (metric.full - metric.empty))
+        faithful = faithful if math.isfinite(faithful) else math.nan
     return Discovery(scoring, circuit, faithful, curve, (mode, value), params.greedy)
 
 
@@ -225,8 +259,10 @@ def _shardable(params: DiscoverParams) -> None:
 
 
 def _shard(method: str) -> ShardSpec[DiscoverParams]:
-    """Edge scores are means over prompts: each shard returns its sums and count; the driver adds them up and
-    measures faithfulness (curve and chosen circuit) on the whole task in its own process."""
+    """Edge scores are means over prompts: each shard returns its sums and count, and the driver adds them up.
+    The circuits to measure follow from the merged scores, so their masked runs are further passes over the
+    same shards (`_circuit_metrics`: each shard's per-prompt metric of each circuit), merged as sums over the
+    whole task / its prompt count by `measure_with`, the code path of the one-process run."""
     def partial(model: Model, task: Task, params: DiscoverParams) -> ScoreSums:
         scoring = edge_scores(model, task.prepare(model), method=method, ablation=params.ablation,
                               metric=params.score_metric, positions=params.positions, steps=params.steps,
@@ -234,21 +270,42 @@ def _shard(method: str) -> ShardSpec[DiscoverParams]:
         return ScoreSums(scoring.scores * scoring.n_prompts, scoring.full_metric * scoring.n_prompts,
                          scoring.n_prompts, scoring.metric)
 
-    def merge(model: Model, task: Task, partials: list[ScoreSums], params: DiscoverParams) -> Discovery:
+    def scoring_of(model: Model, partials: list[ScoreSums], params: DiscoverParams) -> EdgeScoring:
         graph = Graph.from_model(model)
         if params.top_n is not None:
             check_top_n(params.top_n, graph)
-        prepared = task.prepare(model)
         n = sum(p.n for p in partials)
         scores = partials[0].scores
         for p in partials[1:]:
             scores = scores + p.scores
-        scoring = EdgeScoring(graph, scores / n, method, params.ablation, partials[0].metric,
-                              params.positions, params.steps if method in ("eap-ig", "eap-ig-act") else None, n,
-                              sum(p.full for p in partials) / n)
-        return measure(model, prepared, scoring, params)
+        return EdgeScoring(graph, scores / n, method, params.ablation, partials[0].metric,
+                           params.positions, params.steps if method in ("eap-ig", "eap-ig-act") else None, n,
+                           sum(p.full for p in partials) / n)
 
-    return ShardSpec(partial, merge, _shardable)
+    def merge(model: Model, task: Task, partials: list[ScoreSums], params: DiscoverParams) -> Discovery:
+        """Without further passes (an executor that offers none): the circuits measured in this process."""
+        return measure(model, task.prepare(model), scoring_of(model, partials, params), params)
+
+    def merge_with_shards(model: Model, task: Task, partials: list[ScoreSums], params: DiscoverParams,
+                          shard_map: ShardMap) -> Discovery:
+        scoring = scoring_of(model, partials, params)
+
+        def evaluate(masks: torch.Tensor) -> torch.Tensor:
+            # the module attribute, looked up per call: workers import the pass function by its name
+            per_prompt = torch.cat(shard_map(_circuit_metrics, masks), dim=1)  # [k, prompts] in task order
+            return per_prompt.sum(1) / scoring.n_prompts
+
+        return measure_with(model, scoring, params, evaluate)
+
+    return ShardSpec(partial, merge, _shardable, merge_with_shards)
+
+
+def _circuit_metrics(model: Model, shard: Task, params: DiscoverParams, masks: torch.Tensor) -> torch.Tensor:
+    """A pass over one prompt shard: the metric of each circuit (row of `masks`) on each of its prompts,
+    [k, shard prompts]. check=False: whether faithfulness is defined is decided on the whole task."""
+    evaluator = CircuitEvaluator(model, shard.prepare(model), ablation=params.ablation, metric=params.score_metric,
+                                 positions=params.positions, seed=params.seed, check=False)
+    return evaluator.per_prompt(masks)
 
 
 def _entry(method: str, description: str) -> Analysis[DiscoverParams]:

@@ -18,6 +18,7 @@ See docs/METHODS.md, "Circuit discovery".
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from circuitlab.discovery.selection import check_target, greedy_mask, nested_mas
 from circuitlab.errors import DiscoveryError
 from circuitlab.graph.circuit import Circuit
 from circuitlab.graph.graph import Graph
-from circuitlab.graph.masked import MaskedEdgeEngine
+from circuitlab.graph.masked import CleanRun, MaskedEdgeEngine
 from circuitlab.models.model import Model
 from circuitlab.tasks.task import PreparedTask, Task, TaskBatch
 
@@ -61,7 +62,8 @@ class CircuitEvaluator:
     Ablated outputs and reference logits are computed once per token-length group; m(full) and m(empty)
     come from the same engine, so f(full) = 1 and f(empty) = 0 exactly. check=False skips the test that
     faithfulness is defined (`undefined_reason`): a shard of a task's prompts may show no behaviour where
-    the whole task does, so sharded verification tests the merged values instead.
+    the whole task does, so sharded verification and discovery test the merged values instead; m(full) and
+    m(empty) then run only when first asked for.
     """
 
     def __init__(self, model: Model, task: Task | PreparedTask, *, ablation: str = "corrupt",
@@ -74,36 +76,66 @@ class CircuitEvaluator:
         self.scorer = discovery_metric(self.prepared, metric, positions)
         self.inputs = [BatchInputs.build(self.engine, b, ablation, self.scorer, seed=seed) for b in self.prepared.batches]
         self.rows_per_forward = rows_per_forward
+        self._records: dict[int, CleanRun] = {}  # per token-length group, the recorded run of one base mask
+        self._records_of: bytes | None = None
         self.n_evaluated = 0  # circuits run so far (the cost of a search)
-        ends = self.metric(torch.stack([torch.ones(self.graph.n_edges, dtype=torch.bool),
-                                        torch.zeros(self.graph.n_edges, dtype=torch.bool)]))
-        self.full, self.empty = float(ends[0]), float(ends[1])
+        self._ends: tuple[float, float] | None = None  # m(full), m(empty): run here when checked, else on first use
         if check and (reason := undefined_reason(self.full, self.empty, self.scorer.name)) is not None:
             raise DiscoveryError(reason)
+
+    @property
+    def full(self) -> float:
+        """m(full): the mean metric with every edge kept."""
+        return self._run_ends()[0]
+
+    @property
+    def empty(self) -> float:
+        """m(empty): the mean metric with every edge ablated."""
+        return self._run_ends()[1]
+
+    def _run_ends(self) -> tuple[float, float]:
+        # A prompt shard's evaluator (check=False) that only runs given masks never pays for these two rows.
+        if self._ends is None:
+            ends = self.metric(torch.stack([torch.ones(self.graph.n_edges, dtype=torch.bool),
+                                            torch.zeros(self.graph.n_edges, dtype=torch.bool)]))
+            self._ends = float(ends[0]), float(ends[1])
+        return self._ends
 
     def metric(self, masks: Masks) -> Float[torch.Tensor, " k"]:
         """Mean metric over the task's prompts of each circuit (row of `masks`)."""
         return self.per_prompt(masks).sum(1) / self.prepared.n_prompts
 
     def per_prompt(self, masks: Masks, *, read: Read | None = None,
-                   hooks: Callable[[BatchInputs, int], list[Any]] | None = None) -> torch.Tensor:
+                   hooks: Callable[[BatchInputs, int], list[Any]] | None = None,
+                   base: Bool[torch.Tensor, " edge"] | None = None) -> torch.Tensor:
         """Per-prompt values [k, n_prompts, *] of each circuit, in the task's example order.
 
         read(logits [k * batch, pos, vocab], batch, reference) -> [k * batch, *]: what to keep of each run
         (default: the metric). hooks(inputs, k) -> forward hooks added around each masked forward of k rows
         of that token-length group (e.g. noise on the input embeddings, as circuit verification does).
+        base: a mask the rows equal on the edges into early layers (a circuit, when each row removes some of
+        its nodes): its run is recorded once per token-length group and each forward restarts at the
+        earliest layer where a row differs (same numbers up to float32 rounding). Ignored with `hooks`,
+        which act from the embedding on.
         """
         masks = masks.reshape(-1, self.graph.n_edges)
         read = read or self.scorer
+        order = None
+        if base is not None and hooks is None:  # a forward restarts at its rows' earliest layer: group by it
+            n_layers = self.graph.shape.n_layers
+            layers = torch.where(masks != base, self.engine.edge_layer, n_layers).amin(1)
+            order = torch.argsort(layers, descending=True, stable=True)
+            masks = masks[order]
         out: torch.Tensor | None = None
         with torch.no_grad():
             for inputs in self.inputs:
                 per_forward = self.rows_per_forward or logit_rows_per_forward(self.engine, inputs.tokens)
+                record = None if base is None or hooks is not None else self._record(inputs, base)
                 for first in range(0, masks.shape[0], per_forward):
                     rows = masks[first:first + per_forward].float()
                     k = rows.shape[0]
                     if hooks is None:
-                        logits = self.engine.run(inputs.tokens, rows, inputs.ablated)  # [k, B, P, V]
+                        logits = self.engine.run(inputs.tokens, rows, inputs.ablated, record=record)  # [k, B, P, V]
                     else:
                         with self.engine.bridge.hooks(fwd_hooks=hooks(inputs, k)):
                             logits = self.engine.run(inputs.tokens, rows, inputs.ablated)
@@ -116,10 +148,51 @@ class CircuitEvaluator:
                     out[first:first + k, inputs.batch.indices] = values
         self.n_evaluated += masks.shape[0]
         assert out is not None  # a prepared task has at least one batch
-        return out
+        return out if order is None else out[torch.argsort(order)]
 
     def faithfulness(self, masks: Masks) -> Float[torch.Tensor, " k"]:
         return (self.metric(masks) - self.empty) / (self.full - self.empty)
+
+    def _record(self, inputs: BatchInputs, base: Bool[torch.Tensor, " edge"]) -> CleanRun:
+        """The run of `base` on this group, recorded for restarts; kept for the last base only (a record holds
+        every sender's output: memory for one base at a time)."""
+        key = hashlib.sha1(base.numpy().tobytes()).digest()
+        if self._records_of != key:
+            self._records, self._records_of = {}, key
+        if id(inputs) not in self._records:
+            coefficients = None if bool(base.all()) else base.float()
+            self._records[id(inputs)] = self.engine.record(inputs.tokens, coefficients,
+                                                           None if coefficients is None else inputs.ablated)
+        return self._records[id(inputs)]
+
+
+@dataclass
+class TaskMetric:
+    """The mean metric of circuits over a whole task, wherever their masked runs happen: the curve, the
+    selection and the bisection run on this, in one process and on prompt shards alike.
+
+    evaluate(masks [k, edge]) -> mean metric [k] over the task's prompts (one process:
+    `CircuitEvaluator.metric`; prompt shards: every shard's per-prompt values, summed over the whole task
+    and divided by its prompt count). full, empty: m(full) and m(empty) of the same runs. name: the
+    metric's name. model: given to the circuits found (optional).
+    """
+
+    graph: Graph
+    evaluate: Callable[[Masks], Float[torch.Tensor, " k"]]
+    full: float
+    empty: float
+    name: str
+    model: Model | None = None
+
+    @classmethod
+    def of(cls, evaluator: CircuitEvaluator | TaskMetric) -> TaskMetric:
+        if isinstance(evaluator, TaskMetric):
+            return evaluator
+        return cls(evaluator.graph, evaluator.metric, evaluator.full, evaluator.empty, evaluator.scorer.name,
+                   evaluator.engine.model)
+
+    def faithfulness(self, masks: Masks) -> Float[torch.Tensor, " k"]:
+        return (self.evaluate(masks) - self.empty) / (self.full - self.empty)
 
 
 def sizes_for(n_edges: int, fractions: tuple[float, ...] = MIB_FRACTIONS) -> list[int]:
@@ -188,43 +261,56 @@ class FaithfulnessCurve:
         return fig
 
 
-def _masks(evaluator: CircuitEvaluator, scores: torch.Tensor, sizes: list[int], greedy: bool,
-           absolute: bool) -> Masks:
+def curve_masks(graph: Graph, scores: EdgeScoring | torch.Tensor, *, fractions: tuple[float, ...] = MIB_FRACTIONS,
+                greedy: bool = False, absolute: bool = True) -> Masks:
+    """Which circuits a faithfulness curve runs: the top-n (greedy with `greedy`) at each size in `fractions`
+    (plus 0 and 1), one row per size."""
+    values = scores.scores if isinstance(scores, EdgeScoring) else scores
+    return _masks(graph, values, sizes_for(graph.n_edges, fractions), greedy, absolute)
+
+
+def finish_curve(masks: Masks, metrics: Float[torch.Tensor, " k"], full: float, empty: float, metric: str,
+                 greedy: bool = False) -> FaithfulnessCurve:
+    """The curve from the mean metric of each of `curve_masks` (m(full), m(empty) as measured with them)."""
+    faithful = (metrics - empty) / (full - empty)
+    # Greedy circuits are pruned and may be smaller than asked: plot them at their real size.
+    real = [int(m.sum()) for m in masks]
+    order = sorted(range(len(real)), key=lambda i: real[i])
+    n_edges = masks.shape[1]
+    return FaithfulnessCurve([real[i] for i in order], [real[i] / n_edges for i in order],
+                             [float(faithful[i]) for i in order], [float(metrics[i]) for i in order],
+                             full, empty, metric, greedy)
+
+
+def _masks(graph: Graph, scores: torch.Tensor, sizes: list[int], greedy: bool, absolute: bool) -> Masks:
     if greedy:
-        return torch.stack([greedy_mask(evaluator.graph, scores, n, absolute=absolute) for n in sizes])
+        return torch.stack([greedy_mask(graph, scores, n, absolute=absolute) for n in sizes])
     return nested_masks(scores, sizes, absolute=absolute)
 
 
-def faithfulness_curve(evaluator: CircuitEvaluator, scores: EdgeScoring | torch.Tensor, *,
+def faithfulness_curve(evaluator: CircuitEvaluator | TaskMetric, scores: EdgeScoring | torch.Tensor, *,
                        fractions: tuple[float, ...] = MIB_FRACTIONS, greedy: bool = False,
                        absolute: bool = True) -> FaithfulnessCurve:
     """f of the top-n circuits (greedy ones with `greedy`) at each size in `fractions` (plus 0 and 1)."""
-    values = scores.scores if isinstance(scores, EdgeScoring) else scores
-    n_edges = evaluator.graph.n_edges
-    sizes = sizes_for(n_edges, fractions)
-    masks = _masks(evaluator, values, sizes, greedy, absolute)
-    metric = evaluator.metric(masks)
-    faithful = (metric - evaluator.empty) / (evaluator.full - evaluator.empty)
-    # Greedy circuits are pruned and may be smaller than asked: plot them at their real size.
-    real = [int(m.sum()) for m in masks]
-    order = sorted(range(len(sizes)), key=lambda i: real[i])
-    return FaithfulnessCurve([real[i] for i in order], [real[i] / n_edges for i in order],
-                             [float(faithful[i]) for i in order], [float(metric[i]) for i in order],
-                             evaluator.full, evaluator.empty, evaluator.scorer.name, greedy)
+    means = TaskMetric.of(evaluator)
+    masks = curve_masks(means.graph, scores, fractions=fractions, greedy=greedy, absolute=absolute)
+    return finish_curve(masks, means.evaluate(masks), means.full, means.empty, means.name, greedy)
 
 
-def smallest_faithful_circuit(evaluator: CircuitEvaluator, scores: EdgeScoring | torch.Tensor, target: float, *,
-                              curve: FaithfulnessCurve | None = None, greedy: bool = False,
+def smallest_faithful_circuit(evaluator: CircuitEvaluator | TaskMetric, scores: EdgeScoring | torch.Tensor,
+                              target: float, *, curve: FaithfulnessCurve | None = None, greedy: bool = False,
                               absolute: bool = True) -> tuple[Circuit, float]:
     """The smallest top-n circuit whose faithfulness reaches `target`, and its faithfulness.
 
     The curve's grid brackets the answer (the first grid size reaching the target and the one before it);
     bisection inside the bracket then assumes f grows with n there (it usually does, but f is not monotone
-    in general, so "smallest" means smallest found by this search).
+    in general, so "smallest" means smallest found by this search). Each step runs one circuit (`evaluate`
+    of a `TaskMetric`: one more pass over the prompt shards in a sharded run).
     """
     check_target(target)
+    means = TaskMetric.of(evaluator)
     values = scores.scores if isinstance(scores, EdgeScoring) else scores
-    curve = curve or faithfulness_curve(evaluator, values, greedy=greedy, absolute=absolute)
+    curve = curve or faithfulness_curve(means, values, greedy=greedy, absolute=absolute)
     reached = [i for i, f in enumerate(curve.faithfulness) if f >= target - _slack(target)]
     if not reached:  # unreachable only through rounding: the full circuit has f = 1 >= target
         raise DiscoveryError(f"no circuit reached faithfulness {target}")  # pragma: no cover
@@ -233,13 +319,13 @@ def smallest_faithful_circuit(evaluator: CircuitEvaluator, scores: EdgeScoring |
     best = curve.faithfulness[hit]
     while high - low > 1:
         middle = (low + high) // 2
-        f = float(evaluator.faithfulness(_masks(evaluator, values, [middle], greedy, absolute))[0])
+        f = float(means.faithfulness(_masks(means.graph, values, [middle], greedy, absolute))[0])
         if f >= target - _slack(target):
             high, best = middle, f
         else:
             low = middle
-    mask = _masks(evaluator, values, [high], greedy, absolute)[0]
-    return Circuit(evaluator.graph, mask, values.detach().clone(), model=evaluator.engine.model), best
+    mask = _masks(means.graph, values, [high], greedy, absolute)[0]
+    return Circuit(means.graph, mask, values.detach().clone(), model=means.model), best
 
 
 def _slack(target: float) -> float:

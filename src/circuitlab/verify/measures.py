@@ -311,14 +311,15 @@ class Verifier:
         return self.evaluator.scorer.name
 
     # --- faithfulness -------------------------------------------------------------------------------------
-    def metric_rows(self, masks: Masks) -> Float[torch.Tensor, "k prompt"]:
+    def metric_rows(self, masks: Masks, base: Mask | None = None) -> Float[torch.Tensor, "k prompt"]:
         """Per-prompt metric of each mask; a mask run before (minimality's C without v is completeness's
-        C \\ {v}) is not run again."""
+        C \\ {v}) is not run again. base: a mask the rows share on the edges into early layers (C, when
+        they remove nodes of C): the runs restart from its recorded run (`CircuitEvaluator.per_prompt`)."""
         keys = [hashlib.sha1(m.numpy().tobytes()).digest() for m in masks]
         todo = list(dict.fromkeys(key for key in keys if key not in self._rows))
         if todo:
             first = {key: i for i, key in reversed(list(enumerate(keys)))}
-            rows = self.evaluator.per_prompt(masks[[first[key] for key in todo]]).double()
+            rows = self.evaluator.per_prompt(masks[[first[key] for key in todo]], base=base).double()
             self._rows.update(zip(todo, rows, strict=True))
         return torch.stack([self._rows[key] for key in keys])
 
@@ -356,18 +357,19 @@ class Verifier:
                 without[e] = False
                 components.append((self.graph.edges[e], "edge", without))
         masks = torch.stack([mask, *[c[2] for c in components]])
-        rows = self._rows_with_progress(masks, "minimality") if components else self.metric_rows(masks)
+        # each row is C with a node's out-edges (or one edge) removed: it restarts after that node's layer
+        rows = self._rows_with_progress(masks, "minimality", base=mask) if components else self.metric_rows(masks)
         return MinimalityRows([(name, kind) for name, kind, _ in components], rows)
 
     def minimality(self, mask: Mask, *, per_edge: bool = False) -> list[dict[str, Any]]:
         """Per node (and edge) of the circuit: drop = f(C) - f(C without it), with its interval."""
         return self.finish.minimality(self.minimality_rows(mask, per_edge=per_edge))
 
-    def _rows_with_progress(self, masks: Masks, what: str, chunk: int = 32) -> torch.Tensor:
+    def _rows_with_progress(self, masks: Masks, what: str, chunk: int = 32, base: Mask | None = None) -> torch.Tensor:
         parts = []
         with progress_bar(masks.shape[0], f"{what}: {masks.shape[0]} masked runs") as advance:
             for first in range(0, masks.shape[0], chunk):
-                parts.append(self.metric_rows(masks[first:first + chunk]))
+                parts.append(self.metric_rows(masks[first:first + chunk], base))
                 advance(min(chunk, masks.shape[0] - first))
         return torch.cat(parts)
 
@@ -391,9 +393,10 @@ class Verifier:
                     source = {s: src for src, s in reversed(sets)}  # a set's first source names it
                     removed = torch.stack([out[sorted(s)].any(0) if s else torch.zeros(self.graph.n_edges, dtype=torch.bool)
                                            for s in new])
-                    masks = torch.cat([mask.unsqueeze(0) & ~removed, ~removed])
-                    rows = self.metric_rows(masks)
-                    advance(masks.shape[0])
+                    # C \\ K restarts from C's run, M \\ K from the full model's, after K's earliest layer
+                    rows = torch.cat([self.metric_rows(mask.unsqueeze(0) & ~removed, mask),
+                                      self.metric_rows(~removed, self.full_mask)])
+                    advance(rows.shape[0])
                     for i, s in enumerate(new):
                         tried[s] = (source[s], torch.stack([rows[i], rows[len(new) + i]]))
                 return [self.finish.gap_value(tried[s][1]) for _, s in sets]

@@ -89,3 +89,15 @@ def test_verify_on_ray_equals_the_local_run(cluster, toy, toy_dir, tmp_path):
     sharded = run("verify", model=str(toy_dir), task=names_task(7), out=tmp_path / "out", executor=ray_executor(),
                   **options)
     assert_same_verification(local, sharded)
+
+
+def test_discovery_curve_and_bisection_on_ray_equal_the_local_run(cluster, toy, toy_dir, tmp_path):
+    """EAP-IG with a target faithfulness: the scores, then the curve and each bisection step as passes over
+    the same 3 shards on the same 2 workers; the curve, the circuit and its faithfulness as in one process."""
+    from unit.discovery.test_shards import assert_same_discovery
+
+    options = {"steps": 2, "target_faithfulness": 0.7}
+    local = run("discover/eap-ig", model=toy, task=names_task(7), **options)
+    sharded = run("discover/eap-ig", model=str(toy_dir), task=names_task(7), out=tmp_path / "out",
+                  executor=ray_executor(), **options)
+    assert_same_discovery(local, sharded)

@@ -95,3 +95,29 @@ def test_undefined_when_ablation_changes_nothing(toy):
     same = Task("same", [Example("When Mary and John", "When Mary and John", [" Mary"], [" John"])])
     with pytest.raises(DiscoveryError, match="faithfulness is undefined"):
         CircuitEvaluator(toy, same)
+
+
+@pytest.mark.parametrize("base_kind", ["circuit", "full"])
+def test_rows_restarted_from_a_recorded_base_equal_plain_runs(evaluator, base_kind):
+    """per_prompt(masks, base=B): each row is B with some senders' out-edges removed (as verification's
+    minimality and completeness build them); restarted from B's recorded run, the values equal the plain
+    runs' to float32 rounding of the metric (64 eps relative)."""
+    graph = evaluator.graph
+    gen = torch.Generator().manual_seed(4)
+    base = torch.ones(graph.n_edges, dtype=torch.bool)
+    if base_kind == "circuit":
+        base = torch.rand(graph.n_edges, generator=gen) < 0.6
+    layer = evaluator.engine.edge_layer  # senders feeding only layers >= 1: every row restarts at 1 or later
+    senders = [s for s in range(1, graph.n_senders) if int(layer[graph.edge_src == s].min()) >= 1]
+    masks = torch.stack([base & (graph.edge_src != s) for s in senders])
+    plain = evaluator.per_prompt(masks)
+    calls = []
+    handle = evaluator.engine.bridge.blocks[0].register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        restarted = evaluator.per_prompt(masks, base=base)
+    finally:
+        handle.remove()
+    assert len(calls) == len(evaluator.inputs)  # block 0 ran in the recorded base runs only: rows restarted
+    scale = plain.abs().max().clamp_min(1.0)
+    assert (restarted - plain).abs().max() <= 64 * torch.finfo(torch.float32).eps * scale
+    assert (plain[0] - plain[-1]).abs().max() > 1e-4  # the removals matter
