@@ -250,24 +250,33 @@ class CircuitMetric:
         self.n_circuits = 0
         self.n_forwards = 0
 
-    def rows_for(self, group: _Group) -> int:
-        """Prompt rows per forward: `rows_per_forward`, or what fits FORWARD_BUDGET_BYTES."""
+    def circuits_per_forward(self, group: _Group, start: int) -> int:
+        """Circuits per masked forward of this group: from `rows_per_forward` (prompt rows), or what fits
+        FORWARD_BUDGET_BYTES for a run restarted at layer `start`: per circuit its coefficient table from
+        that layer's receivers on [senders, receivers]; per prompt row the differences of the senders it
+        runs, the per-head streams of one layer and the logits of the read positions."""
+        size = group.inputs.batch.size
         if self.rows_per_forward is not None:
-            return self.rows_per_forward
-        g, n_pos = self.engine.graph, group.inputs.tokens.shape[1]
+            return max(1, self.rows_per_forward // size)
+        engine, g, n_pos = self.engine, self.engine.graph, group.inputs.tokens.shape[1]
         n_read = n_pos if group.positions is None else group.positions.shape[1]
-        per_row = 4 * (g.n_senders * g.n_receivers + n_pos * self.engine.model.d_model * (g.n_senders + 4 * g.shape.n_heads)
-                       + n_read * self.engine.model.d_vocab)
-        return max(1, FORWARD_BUDGET_BYTES // per_row)
+        n_layers = g.shape.n_layers
+        live = g.n_senders - (g.sender_block(start).start if 0 < start < n_layers else (g.n_senders if start else 0))
+        per_row = n_pos * engine.model.d_model * (live + 4 * g.shape.n_heads) + n_read * engine.model.d_vocab
+        per_circuit = 4 * (g.n_senders * (g.n_receivers - engine.first_receiver(start)) + size * per_row)
+        return max(1, FORWARD_BUDGET_BYTES // per_circuit)
 
     def __call__(self, base: Float[torch.Tensor, " edge"], ids: EdgeIds,
                  off: Bool[torch.Tensor, "k n"]) -> list[float]:
         """Metric of k circuits: circuit i is `base` with the edges ids[off[i]] set to 0."""
         k = off.shape[0]
         totals = [0.0] * k
+        probe = base.clone()
+        probe[ids] = 0.0
+        start = self.engine.restart_layer(probe) if self.groups and self.groups[0].record is not None else 0
         with torch.no_grad():
             for group in self.groups:
-                per_forward = max(1, self.rows_for(group) // group.inputs.batch.size)
+                per_forward = self.circuits_per_forward(group, start)
                 for first in range(0, k, per_forward):
                     part = off[first:first + per_forward]
                     rows = base.repeat(part.shape[0], 1)

@@ -210,6 +210,12 @@ class MaskedEdgeEngine:
         return CleanRun(tokens.clone(), outputs, calls, final[-1], _fingerprint(bridge), (key, diffs), base[0].clone(),
                         key)
 
+    def first_receiver(self, layer: int) -> int:
+        """The first receiver (backward index) a run restarted at `layer` feeds: layer's first head input,
+        or the logits for layer = n_layers; 0 for a full run (layer 0)."""
+        g = self.graph
+        return g.head_receivers(layer).start if layer < g.shape.n_layers else g.n_receivers - 1
+
     def restart_layer(self, coefficients: Coefficients, base: Float[torch.Tensor, " edge"] | None = None) -> int:
         """The earliest layer holding a receiver with an incoming coefficient != base's (default 1) in any
         row ([n_edges] or [k, n_edges]); n_layers when only edges into the logits differ (or none)."""
@@ -352,9 +358,12 @@ class _RunState:
         self.engine, self.graph = engine, engine.graph
         self.k, self.batch, self.start = k, batch, start
         g = self.graph
-        # one_minus[k, s, r] = 1 - c on real edges, 0 elsewhere: how much of (out_s - abl_s) r loses.
-        self.one_minus = torch.zeros(k, g.n_senders, g.n_receivers, dtype=coeff.dtype)
-        self.one_minus[:, g.edge_src, g.edge_dst] = 1.0 - coeff
+        # one_minus[k, s, r - r0] = 1 - c on real edges, 0 elsewhere: how much of (out_s - abl_s) r loses. A
+        # restarted run holds only the receivers from its layer on (the others are not run): r0, their first.
+        self.r0 = engine.first_receiver(start)
+        into = g.edge_dst >= self.r0
+        self.one_minus = torch.zeros(k, g.n_senders, g.n_receivers - self.r0, dtype=coeff.dtype)
+        self.one_minus[:, g.edge_src[into], g.edge_dst[into] - self.r0] = 1.0 - coeff[:, into]
         self.ablated = ablated  # [sender, batch|1, pos, d_model]
         # This run's out_s - abl_s, laid out [k, sender, batch*pos*d_model] so that a receiver group's delta
         # is one batched matmul. Without grad a preallocated buffer is filled in place; with grad the
@@ -418,7 +427,7 @@ class _RunState:
     def _delta(self, receivers: slice) -> Float[torch.Tensor, "receiver k_batch pos d_model"] | None:
         """sum_s (1 - c_{s,r}) (out_s - abl_s) for receivers r: [n_receivers, k*batch, pos, d_model]; None
         when every weight is 0 and nothing needs a gradient (the receivers read the plain residual)."""
-        weights = self.one_minus[:, :self.n_done, receivers]  # [k, n, r]
+        weights = self.one_minus[:, :self.n_done, self._local(receivers)]  # [k, n, r]
         total = None
         if self.base is not None:
             total = _sparse_mix(weights[:, :self.n_base], self.base.unsqueeze(0), self._get_base_sum)
@@ -436,6 +445,10 @@ class _RunState:
             return None
         n_r = total.shape[1]
         return total.view(self.k, n_r, self.batch, -1).transpose(0, 1).reshape(n_r, *self.shape)
+
+    def _local(self, receivers: slice) -> slice:
+        """Graph receiver indices as columns of `one_minus` (which starts at receiver r0)."""
+        return slice(receivers.start - self.r0, receivers.stop - self.r0)
 
     def _get_base_sum(self) -> torch.Tensor:
         if self._base_sum is None:
@@ -477,7 +490,7 @@ class _RunState:
                 if not self.track_grad:
                     # Rows (coefficient sets) that touch no head input here keep the forward's own z, so a
                     # row's logits never depend on which other rows share its forward.
-                    touched = (self.one_minus[:, :, receivers] != 0).flatten(1).any(dim=1)
+                    touched = (self.one_minus[:, :, self._local(receivers)] != 0).flatten(1).any(dim=1)
                     if not bool(touched.all()):
                         rows = touched.repeat_interleave(self.batch).view(-1, *([1] * (z.ndim - 1)))
                         new_z = torch.where(rows, new_z, z)
