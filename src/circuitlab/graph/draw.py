@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,11 +17,12 @@ import torch
 from jaxtyping import Float
 
 from circuitlab.atomic import save_figure_atomically, write_text_atomically
-from circuitlab.graph.circuit import Circuit
 from circuitlab.graph.naming import parse_node
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from circuitlab.graph.circuit import Circuit
 
 
 COLOURS = {"q": "#1f77b4", "k": "#2ca02c", "v": "#d62728", None: "#7f7f7f"}
@@ -106,7 +108,7 @@ def drawn_subset(circuit: Circuit, priority: Float[torch.Tensor, " edge"],
     key = torch.where(circuit.in_graph, priority.to(torch.float64), -math.inf)
     mask = torch.zeros_like(circuit.in_graph)
     mask[torch.topk(key, limit, sorted=True).indices] = True
-    return Circuit(circuit.graph, mask, circuit.scores), f" ({limit} of {circuit.n_edges} edges drawn)"
+    return replace(circuit, in_graph=mask), f" ({limit} of {circuit.n_edges} edges drawn)"
 
 
 def circuit_dot(circuit: Circuit, *, min_width: float = 0.4, max_width: float = 4.0) -> str:
