@@ -16,10 +16,12 @@ about half the blocks).
 Part 2 (SmolLM2-135M, IOI, one template), at each of --levels (edge: the full edge graph; head: a
 head's q, k and v inputs as one receiver): `acdc` on the first `--receivers` receivers in ACDC's order,
 timed per receiver, `acdc_sequential` on the same receivers at edge level (the measured ratio on the real
-model; skip with --skip-smollm-sequential), and a PROJECTION of the full run: each receiver's time is
-modelled as proportional to (its candidates) x (blocks its runs replay: n_layers - layer, and 0.3 for the
-logits' final norm and unembedding), fitted on the measured receivers (the last layer's: restarts save
-the most there, so the projection is optimistic). The projection assumes the measured receivers'
+model; skip with --skip-smollm-sequential), and a PROJECTION of the full run: the seconds per circuit of a
+batch restarted at each of --probe-layers (and the logits) are measured (--probe-circuits circuits each,
+against a circuit with 90% of the later edges removed, as ACDC's state is by then)
+and interpolated over layers; each receiver costs (its candidates) x (circuits per candidate, as measured
+on the receivers run above) x (seconds per circuit at its layer). It assumes the measured receivers'
+speculation hit rate holds everywhere and visits every receiver (skipped ones would make it shorter). The projection assumes the measured receivers'
 speculation hit rate holds everywhere; read it as an order of magnitude. `--full` runs the whole graph.
 
 Run: .venv/bin/python benchmarks/acdc.py [--n 8] [--tau 0.01] [--ablation corrupt] [--wide-n 1 4]
@@ -106,13 +108,57 @@ def part_smollm(args: argparse.Namespace) -> None:
             print(f"  sequential (baseline) on the same {len(plain.steps)} receivers: {seq_wall:.1f} s, "
                   f"{plain.n_forwards} forwards; ratio {seq_wall / wall:.1f}x; same decisions: {same}")
 
-        costs = [len(order.candidates[i]) * (0.3 if order.layers[i] == n_layers else n_layers - order.layers[i])
-                 for i in range(len(order.names))]
+        # Per layer, the measured seconds per circuit of a batch restarted there; circuits per candidate
+        # from the receivers measured above (speculation re-evaluates some).
         measured = [i for i, step in enumerate(found.steps) if not step.skipped]
-        rate = sum(found.steps[i].seconds for i in measured) / max(sum(costs[i] for i in measured), 1e-9)
-        total = sum(costs) * rate
-        print(f"  PROJECTION (not measured) of the whole {level}-level graph: {total / 3600:.1f} h (every receiver "
-              "visited; skipped receivers would make it shorter)")
+        tested = sum(len(order.candidates[i]) for i in measured)
+        per_candidate = found.n_circuits / max(tested, 1)
+        probes = {layer: seconds_per_circuit(model, prepared, found.graph, layer, args) for layer in args.probe_layers}
+        probes[n_layers] = seconds_per_circuit(model, prepared, found.graph, n_layers, args)
+        total = sum(len(order.candidates[i]) * per_candidate * interpolate(probes, order.layers[i])
+                    for i in range(len(order.names)))
+        print("  seconds per circuit restarted at layer: "
+              + ", ".join(f"{layer}: {probes[layer]:.3f}" for layer in sorted(probes)))
+        print(f"  PROJECTION (not measured) of the whole {level}-level graph: {total / 3600:.1f} h ({per_candidate:.2f} "
+              "circuits per candidate as measured above, every receiver visited; skipped receivers would make it "
+              "shorter)")
+
+
+def seconds_per_circuit(model, prepared, graph, layer: int, args: argparse.Namespace) -> float:  # noqa: ANN001
+    """Wall time per circuit of one batch of circuits restarted at `layer` (its first receiver's candidates,
+    each alone; layer = n_layers: the logits), as ACDC's batches run them: against a circuit like the one
+    ACDC holds when it gets there (edges into later layers mostly removed: 10% kept, seeded), so every later
+    head recomputes its attention per head as in the real search; best of two."""
+    from circuitlab.discovery.acdc import CircuitMetric
+    from circuitlab.discovery.scores import scoring_setup
+
+    prepared, engine, scorer = scoring_setup(model, prepared, ablation=args.ablation, metric="kl", positions="last",
+                                             graph=graph)
+    evaluate = CircuitMetric(engine, prepared, scorer, args.ablation)
+    receiver = "logits" if layer == graph.shape.n_layers else f"a{layer}.h0<q>"
+    ids = (graph.edge_dst == graph.receiver_index[receiver]).nonzero().flatten()[:args.probe_circuits]
+    off = torch.eye(len(ids), dtype=torch.bool)
+    base = torch.ones(graph.n_edges)
+    later = engine.edge_layer > layer
+    base[later & (torch.rand(graph.n_edges, generator=torch.Generator().manual_seed(layer)) > 0.1)] = 0.0
+    evaluate(base, ids, off[:2])  # warm-up
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        evaluate(base, ids, off)
+        times.append((time.perf_counter() - start) / len(ids))
+    return min(times)
+
+
+def interpolate(points: dict[int, float], layer: int) -> float:
+    """Linear interpolation of seconds per circuit between the probed layers (constant beyond them)."""
+    xs = sorted(points)
+    if layer <= xs[0]:
+        return points[xs[0]]
+    for lo, hi in zip(xs, xs[1:], strict=False):
+        if layer <= hi:
+            return points[lo] + (points[hi] - points[lo]) * (layer - lo) / (hi - lo)
+    return points[xs[-1]]
 
 
 def main() -> None:
@@ -126,6 +172,8 @@ def main() -> None:
     parser.add_argument("--smollm-n", type=int, default=4)
     parser.add_argument("--receivers", type=int, default=3)
     parser.add_argument("--full", action="store_true")
+    parser.add_argument("--probe-layers", type=int, nargs="+", default=[1, 8, 15, 22, 29])
+    parser.add_argument("--probe-circuits", type=int, default=24)
     parser.add_argument("--levels", nargs="+", default=["edge", "head"], choices=["edge", "head"])
     parser.add_argument("--skip-smollm-sequential", action="store_true")
     parser.add_argument("--skip-smollm", action="store_true")
