@@ -4,9 +4,10 @@ circuit ACDC left."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from circuitlab.discovery.acdc import acdc
+from circuitlab.discovery.acdc import acdc, search_order
 from circuitlab.discovery.metrics import discovery_metric
 from circuitlab.discovery.scores import BatchInputs
 from circuitlab.graph.masked import MaskedEdgeEngine
@@ -15,15 +16,22 @@ from circuitlab.tasks.task import Example, Task
 EPS = torch.finfo(torch.float32).eps
 
 
-def test_acdc_first_receivers_on_smollm(smollm):
+@pytest.mark.parametrize("level", ["edge", "head"])
+def test_acdc_first_receivers_on_smollm(smollm, level):
+    """At head level the third receiver is the head a29.h8 whole (its q, k and v inputs as one)."""
     task = Task("ioi1", [Example("When Mary and John went to the store, John gave a drink to",
                                  "When Mary and John went to the store, Paul gave a drink to", [" Mary"], [" John"])])
-    found = acdc(smollm, task, tau=0.005, receivers=2)
+    found = acdc(smollm, task, tau=0.005, receivers=2 if level == "edge" else 3, level=level)
     graph = found.graph
-    assert [s.receiver for s in found.steps] == ["logits", "m29"]
+    assert [s.receiver for s in found.steps] == ["logits", "m29", "a29.h8"][:len(found.steps)]
+    if level == "head":  # a sender's q, k and v edges into a29.h8: all kept or all removed
+        for candidate in search_order(graph, "head").candidates[2]:
+            assert len(candidate) == 3 and len(set(found.in_graph[candidate].tolist())) == 1
     into = torch.isin(graph.edge_dst, torch.tensor([graph.receiver_index["logits"], graph.receiver_index["m29"]]))
-    assert bool(found.tested[into].all()) and not bool(found.tested[~into].any())
-    assert 0 < int((~found.in_graph).sum()) < int(into.sum())  # some edges removed, some kept
+    assert bool(found.tested[into].all())
+    if level == "edge":
+        assert not bool(found.tested[~into].any())
+    assert 0 < int((~found.in_graph[into]).sum()) < int(into.sum())  # some edges removed, some kept
     assert found.n_forwards < int(into.sum())  # batched: fewer forwards than tested edges
     # The circuit's KL, recomputed with one full masked forward, equals the metric ACDC carried.
     prepared = task.prepare(smollm)
