@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -174,17 +174,20 @@ class Groups:
         return {"n_prompts": self.n_prompts, "token_lengths": self.lengths}
 
 
-def _shard_parts(runs: list[Any]) -> tuple[Groups, list[Any]]:
-    """Prompt shards (consecutive prompts of the task, in order) as one run's groups and parts: each shard's
-    batches keep their own token length and count their prompts from the shard's first prompt in the task."""
-    batches, tokens, parts, offset = [], [], [], 0
-    for run in runs:
-        for batch, batch_tokens, part in zip(run.groups.batches, run.groups.tokens, run.parts, strict=True):
-            batches.append(replace(batch, indices=[offset + i for i in batch.indices]))
-            tokens.append(batch_tokens)
-            parts.append(part)
-        offset += run.groups.n_prompts
-    return Groups(batches, tokens), parts
+def _merged_parts(runs: list[Any]) -> tuple[Groups, list[Any]]:
+    """Prompt shards' runs (DLA, IG: `groups` and one per-prompt `parts` entry per batch) as the whole task's:
+    its token-length groups (`_regroup`) and, per group, its members' parts joined prompt by prompt."""
+    groups, members = _regroup([run.groups for run in runs])
+    return groups, [_cat_parts([runs[s].parts[b] for s, b in group]) for group in members]
+
+
+def _cat_parts(parts: list[Any]) -> Any:
+    """Per-prompt results of one token length (dataclasses whose tensors have the prompt first) as one."""
+    if len(parts) == 1:
+        return parts[0]
+    tensors = {f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(parts[0])
+               if f.init and isinstance(getattr(parts[0], f.name), torch.Tensor)}
+    return replace(parts[0], **tensors)
 
 
 def _regroup(shards: list[Groups]) -> tuple[Groups, list[list[tuple[int, int]]]]:
@@ -271,7 +274,7 @@ def _dla(model: Model, task: Task | None, params: NoParams) -> DLARun:
 
 def _dla_merge(model: Model, task: Task, partials: list[DLARun], params: NoParams) -> DLARun:
     """Shards' per-prompt component values side by side: the means over prompts are the whole task's."""
-    return DLARun(*_shard_parts(partials))
+    return DLARun(*_merged_parts(partials))
 
 
 # --- integrated gradients ------------------------------------------------------------------------------
@@ -358,7 +361,7 @@ def _ig_run(model: Model, task: Task | None, params: IGParams) -> IGRun:
 
 def _ig_merge(model: Model, task: Task, partials: list[IGRun], params: IGParams) -> IGRun:
     """Shards' per-prompt attributions side by side, prompts numbered in the task (one row per prompt)."""
-    run = IGRun(*_shard_parts(partials), params.baseline)
+    run = IGRun(*_merged_parts(partials), params.baseline)
     if run.warning:
         print(f"warning: {run.warning}", file=sys.stderr)
     return run

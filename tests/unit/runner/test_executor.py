@@ -97,6 +97,10 @@ def test_sharded_run_equals_the_one_process_run(toy, tmp_path, analysis, options
     sharded = run(analysis, model=toy, task=task, out=out, executor=Executor(resume=True, shard_size=3), **options)
     assert_same_records(local.result.records, sharded.result.records)
     assert sharded.result.summary.get("n_prompts", 7) == 7
+    # the summary too: token-length groups span shards (7 prompts of two lengths in shards of 3)
+    cost = {"timing_s", "forwards"}  # what the run spent, which sharding changes; every result must match
+    summaries = [{k: v for k, v in r.result.summary.items() if k not in cost} for r in (local, sharded)]
+    assert_same_records(*([row] for row in summaries))
     assert not shard_directory(out).exists()  # removed once the run directory is written
 
 
