@@ -50,18 +50,23 @@ class ShardSpec(Generic[P]):
         sums and counts, or their per-prompt values), computed where the shard runs.
     merge: ``merge(model, task, partials, params)`` -> the whole task's `AnalysisResult`, equal to
         `compute` on the whole task up to float summation order; `partials` come in the task's prompt order.
+        None when `merge_with_shards` is given (exactly one of the two).
     check: optional; raises a `CircuitlabError` for options under which shards cannot be merged exactly
         (e.g. a mean ablation, whose mean runs over every prompt of a token-length group).
-    merge_with_shards: optional, used instead of `merge` when set: ``merge_with_shards(model, task, partials,
+    merge_with_shards: instead of `merge`: ``merge_with_shards(model, task, partials,
         params, shard_map)`` for a merge that needs further passes over the same shards (e.g. the masked
         runs of a faithfulness curve, whose circuits are known only once the merged scores are). See
         `ShardMap`.
     """
 
     partial: Callable[[Model, Task, P], Any]
-    merge: Callable[[Model, Task, list[Any], P], AnalysisResult]
+    merge: Callable[[Model, Task, list[Any], P], AnalysisResult] | None
     check: Callable[[P], None] | None = None
     merge_with_shards: Callable[[Model, Task, list[Any], P, ShardMap], AnalysisResult] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.merge is None) == (self.merge_with_shards is None):
+            raise TypeError("a ShardSpec takes exactly one of merge and merge_with_shards")
 
 
 @dataclass(frozen=True)

@@ -344,24 +344,19 @@ class _Search:
         return False
 
 
-def _setup(model: Model, task: Task | PreparedTask, *, tau: float, ablation: str, metric: str | None,
-           positions: str, graph: Graph | None) -> tuple[PreparedTask, MaskedEdgeEngine, DiscoveryMetric]:
-    check_tau(tau)
-    return scoring_setup(model, task, ablation=ablation, metric=metric, positions=positions, graph=graph)
-
-
 def _run(model: Model, task: Task | PreparedTask, variant: str, *, tau: float, ablation: str, metric: str | None,
          positions: str, graph: Graph | None, seed: int, receivers: int | None,
          rows_per_forward: int | None, level: str) -> ACDCRun:
+    tau = check_tau(tau)
     check_level(level)
-    prepared, engine, scorer = _setup(model, task, tau=tau, ablation=ablation, metric=metric, positions=positions,
-                                      graph=graph)
+    prepared, engine, scorer = scoring_setup(model, task, ablation=ablation, metric=metric, positions=positions,
+                                             graph=graph)
     g = engine.graph
     evaluate = CircuitMetric(engine, prepared, scorer, ablation, seed=seed, restart=variant == "batched",
                              rows_per_forward=rows_per_forward)
     full = evaluate(torch.ones(g.n_edges), torch.zeros(0, dtype=torch.long), torch.zeros(1, 0, dtype=torch.bool))[0]
     order = search_order(g, level)
-    search = _Search(g, order, check_tau(tau), scorer.higher_is_better, full)
+    search = _Search(g, order, tau, scorer.higher_is_better, full)
     visit = len(order.names)
     if receivers is not None:
         if isinstance(receivers, bool) or not isinstance(receivers, int) or not 1 <= receivers <= visit:

@@ -22,7 +22,6 @@ from circuitlab.discovery.analysis import Discovery, answers_optional
 from circuitlab.discovery.faithfulness import CircuitEvaluator, faithfulness_of
 from circuitlab.discovery.metrics import check_metric_name
 from circuitlab.discovery.scores import EdgeScoring, check_ablation
-from circuitlab.errors import DiscoveryError
 from circuitlab.models.model import Model
 from circuitlab.progress import status
 from circuitlab.tasks.task import Task
@@ -92,12 +91,9 @@ def discover_acdc(model: Model, task: Task, params: ACDCParams) -> ACDCDiscovery
                positions=params.positions, seed=params.seed, level=params.level)
     circuit = run.circuit(model)
     with status("measuring faithfulness"):
-        try:
-            evaluator = CircuitEvaluator(model, prepared, ablation=params.ablation, metric=params.score_metric,
-                                         positions=params.positions, graph=run.graph, seed=params.seed)
-            faithful = faithfulness_of(evaluator, circuit)
-        except DiscoveryError:
-            faithful = math.nan
+        evaluator = CircuitEvaluator(model, prepared, ablation=params.ablation, metric=params.score_metric,
+                                     positions=params.positions, graph=run.graph, seed=params.seed, check=False)
+        faithful = math.nan if evaluator.undefined() is not None else faithfulness_of(evaluator, circuit)
     scoring = EdgeScoring(run.graph, torch.nan_to_num(run.scores, nan=0.0), "acdc", run.ablation, run.metric,
                           run.positions, n_prompts=run.n_prompts, full_metric=run.full_metric)
     return ACDCDiscovery(run, Discovery(scoring, circuit, faithful, None, ("tau", run.tau)))

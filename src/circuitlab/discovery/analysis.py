@@ -32,7 +32,7 @@ from circuitlab.discovery.faithfulness import (
 from circuitlab.discovery.head_map import HeadsParams, discover_heads
 from circuitlab.discovery.metrics import DISTANCE_METRICS, check_metric_name
 from circuitlab.discovery.param_grad import GradParams, discover_grad
-from circuitlab.discovery.scores import EdgeScoring, check_ablation, check_steps, edge_scores
+from circuitlab.discovery.scores import STEP_METHODS, EdgeScoring, check_ablation, check_steps, edge_scores
 from circuitlab.discovery.selection import check_target, check_threshold, check_top_n, select
 from circuitlab.errors import DiscoveryError
 from circuitlab.graph.circuit import Circuit
@@ -279,12 +279,8 @@ def _shard(method: str) -> ShardSpec[DiscoverParams]:
         for p in partials[1:]:
             scores = scores + p.scores
         return EdgeScoring(graph, scores / n, method, params.ablation, partials[0].metric,
-                           params.positions, params.steps if method in ("eap-ig", "eap-ig-act") else None, n,
+                           params.positions, params.steps if method in STEP_METHODS else None, n,
                            sum(p.full for p in partials) / n)
-
-    def merge(model: Model, task: Task, partials: list[ScoreSums], params: DiscoverParams) -> Discovery:
-        """Without further passes (an executor that offers none): the circuits measured in this process."""
-        return measure(model, task.prepare(model), scoring_of(model, partials, params), params)
 
     def merge_with_shards(model: Model, task: Task, partials: list[ScoreSums], params: DiscoverParams,
                           shard_map: ShardMap) -> Discovery:
@@ -297,7 +293,7 @@ def _shard(method: str) -> ShardSpec[DiscoverParams]:
 
         return measure_with(model, scoring, params, evaluate)
 
-    return ShardSpec(partial, merge, _shardable, merge_with_shards)
+    return ShardSpec(partial, None, _shardable, merge_with_shards)
 
 
 def _circuit_metrics(model: Model, shard: Task, params: DiscoverParams, masks: torch.Tensor) -> torch.Tensor:

@@ -27,13 +27,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Bool, Float
 
-from circuitlab.discovery.metrics import discovery_metric
-from circuitlab.discovery.scores import BatchInputs, EdgeScoring, check_ablation, logit_rows_per_forward
+from circuitlab.discovery.scores import BatchInputs, EdgeScoring, logit_rows_per_forward, scoring_setup
 from circuitlab.discovery.selection import check_target, greedy_mask, nested_masks
 from circuitlab.errors import DiscoveryError
 from circuitlab.graph.circuit import Circuit
 from circuitlab.graph.graph import Graph
-from circuitlab.graph.masked import CleanRun, MaskedEdgeEngine
+from circuitlab.graph.masked import CleanRun
 from circuitlab.models.model import Model
 from circuitlab.tasks.task import PreparedTask, Task, TaskBatch
 
@@ -69,19 +68,21 @@ class CircuitEvaluator:
     def __init__(self, model: Model, task: Task | PreparedTask, *, ablation: str = "corrupt",
                  metric: str | None = None, positions: str = "last", graph: Graph | None = None, seed: int = 0,
                  rows_per_forward: int | None = None, check: bool = True):
-        check_ablation(ablation)
-        self.prepared = task if isinstance(task, PreparedTask) else task.prepare(model)
-        self.engine = MaskedEdgeEngine(model, graph)
+        self.prepared, self.engine, self.scorer = scoring_setup(model, task, ablation=ablation, metric=metric,
+                                                                positions=positions, graph=graph)
         self.graph = self.engine.graph
-        self.scorer = discovery_metric(self.prepared, metric, positions)
         self.inputs = [BatchInputs.build(self.engine, b, ablation, self.scorer, seed=seed) for b in self.prepared.batches]
         self.rows_per_forward = rows_per_forward
         self._records: dict[int, CleanRun] = {}  # per token-length group, the recorded run of one base mask
         self._records_of: bytes | None = None
         self.n_evaluated = 0  # circuits run so far (the cost of a search)
         self._ends: tuple[float, float] | None = None  # m(full), m(empty): run here when checked, else on first use
-        if check and (reason := undefined_reason(self.full, self.empty, self.scorer.name)) is not None:
+        if check and (reason := self.undefined()) is not None:
             raise DiscoveryError(reason)
+
+    def undefined(self) -> str | None:
+        """Why faithfulness is undefined on this task (m(full) = m(empty)), or None when it is defined."""
+        return undefined_reason(self.full, self.empty, self.scorer.name)
 
     @property
     def full(self) -> float:

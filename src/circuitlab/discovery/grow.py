@@ -38,7 +38,7 @@ from circuitlab.discovery.analysis import Discovery, answers_optional
 from circuitlab.discovery.faithfulness import CircuitEvaluator, faithfulness_curve, faithfulness_of
 from circuitlab.discovery.metrics import check_metric_name
 from circuitlab.discovery.scores import EdgeScoring, check_ablation, check_method, check_steps, edge_scores
-from circuitlab.discovery.selection import ranking_key
+from circuitlab.discovery.selection import check_edge_count, ranking_key
 from circuitlab.errors import DiscoveryError
 from circuitlab.graph.circuit import Circuit
 from circuitlab.graph.graph import Graph
@@ -87,10 +87,8 @@ class GrowParams:
             if not self.seed_nodes:
                 raise DiscoveryError("seed nodes must name at least one node (or leave them out: the logits)")
         for name in ("max_edges", "per_round"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise DiscoveryError(f"{name.replace('_', ' ')} must be a positive integer number of edges, "
-                                     f"got {value!r}")
+            if (value := getattr(self, name)) is not None:
+                check_edge_count(value, name.replace("_", " "), minimum=1)
         eps = self.epsilon
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
             raise DiscoveryError(f"epsilon must be a number >= 0 (a change of normalised faithfulness), got {eps!r}")
@@ -261,7 +259,10 @@ def grow(model: Model, task: Task, params: GrowParams) -> GrowDiscovery:
                           per_round=params.per_round)
     circuit = Circuit(graph, growth.mask, scoring.scores.detach().clone(), model=model)
     with status("measuring faithfulness"):
-        faithful = faithfulness_of(evaluator, circuit)
+        # the last round measured the final circuit already (no round: the seeds alone, measured here)
+        rounds = growth.rounds
+        faithful = faithfulness_of(evaluator, circuit) if not rounds else rounds[-1].circuit_faithfulness
+        faithful = faithful if math.isfinite(faithful) else math.nan
         curve = faithfulness_curve(evaluator, scoring) if params.curve else None
     return GrowDiscovery(scoring, circuit, faithful, curve, ("epsilon", params.epsilon), growth=growth, seeds=seeds)
 

@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Bool
 
-from circuitlab.discovery.faithfulness import CircuitEvaluator, FaithfulnessCurve
-from circuitlab.errors import DiscoveryError
+from circuitlab.discovery.faithfulness import CircuitEvaluator, FaithfulnessCurve, finish_curve
 from circuitlab.graph.circuit import Circuit
 from circuitlab.graph.graph import Graph
 from circuitlab.graph.mib_json import to_mib_dict
@@ -52,11 +51,7 @@ def node_curve(evaluator: CircuitEvaluator, ranked: list[str], always: Sequence[
     counts = sorted({round(n * i / (NODE_CURVE_POINTS - 1)) for i in range(NODE_CURVE_POINTS)} | {0, 1, 2, n})
     counts = [k for k in counts if k <= n]
     masks = torch.stack([node_mask(graph, [*always, *ranked[:k]]) for k in counts])
-    metric = evaluator.metric(masks)
-    faithful = (metric - evaluator.empty) / (evaluator.full - evaluator.empty)
-    sizes = [int(m.sum()) for m in masks]
-    return FaithfulnessCurve(sizes, [s / graph.n_edges for s in sizes], faithful.tolist(), metric.tolist(),
-                             evaluator.full, evaluator.empty, evaluator.scorer.name)
+    return finish_curve(masks, evaluator.metric(masks), evaluator.full, evaluator.empty, evaluator.scorer.name)
 
 
 @dataclass
@@ -130,13 +125,11 @@ def measure_nodes(model: Model, prepared: PreparedTask, graph: Graph, kept: list
     """The node circuit of `kept` (+ `always`), its faithfulness and (with `curve`) the curve over top-k of
     `ranked`; NaN and no curve when faithfulness is undefined (the ablation does not change the metric)."""
     circuit = Circuit(graph, node_mask(graph, [*always, *kept]), model=model)
-    try:
-        with status("measuring faithfulness"):
-            evaluator = CircuitEvaluator(model, prepared, ablation=ablation, metric=metric, graph=graph, seed=seed)
-            faithful = float(evaluator.faithfulness(circuit.in_graph.unsqueeze(0))[0])
-            points = node_curve(evaluator, ranked, list(always)) if curve else None
-    except DiscoveryError as exc:
-        if "undefined" not in str(exc):
-            raise
-        return circuit, math.nan, None
+    with status("measuring faithfulness"):
+        evaluator = CircuitEvaluator(model, prepared, ablation=ablation, metric=metric, graph=graph, seed=seed,
+                                     check=False)
+        if evaluator.undefined() is not None:
+            return circuit, math.nan, None
+        faithful = float(evaluator.faithfulness(circuit.in_graph.unsqueeze(0))[0])
+        points = node_curve(evaluator, ranked, list(always)) if curve else None
     return circuit, faithful if math.isfinite(faithful) else math.nan, points

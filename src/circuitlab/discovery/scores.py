@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 METHODS = ("eap", "eap-ig", "eap-ig-act", "exact")
+STEP_METHODS = ("eap-ig", "eap-ig-act")  # the methods that integrate over interpolation points (`steps`)
 EdgeVector = Float[torch.Tensor, " edge"]
 SenderOutputs = Float[torch.Tensor, "sender batch_or_1 pos d_model"]
 
@@ -214,7 +215,7 @@ def edge_scores(model: Model, task: Task | PreparedTask, *, method: str = "eap-i
                 full += full_sum
     n = prepared.n_prompts
     return EdgeScoring(engine.graph, total / n, method, ablation, scorer.name, positions,
-                       steps if method in ("eap-ig", "eap-ig-act") else None, n, full / n)
+                       steps if method in STEP_METHODS else None, n, full / n)
 
 
 # --- per token-length group ------------------------------------------------------------------------------

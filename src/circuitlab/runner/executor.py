@@ -145,6 +145,7 @@ class Executor:
                                          pool=pool)
 
                 return entry.shard.merge_with_shards(model, task, partials, params, shard_map)
+        assert entry.shard.merge is not None  # ShardSpec holds one of the two
         return entry.shard.merge(model, task, partials, params)
 
     def partials(self, entry: Analysis[Any], spec: str, model: Model | None, shards: list[Task], params: object,
