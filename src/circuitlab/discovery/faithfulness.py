@@ -97,10 +97,18 @@ class CircuitEvaluator:
     def _run_ends(self) -> tuple[float, float]:
         # A prompt shard's evaluator (check=False) that only runs given masks never pays for these two rows.
         if self._ends is None:
-            ends = self.metric(torch.stack([torch.ones(self.graph.n_edges, dtype=torch.bool),
-                                            torch.zeros(self.graph.n_edges, dtype=torch.bool)]))
-            self._ends = float(ends[0]), float(ends[1])
+            self.ends_per_prompt()
+        assert self._ends is not None
         return self._ends
+
+    def ends_per_prompt(self) -> Float[torch.Tensor, "2 prompt"]:
+        """The full model's and the empty circuit's per-prompt metric (their means become m(full), m(empty),
+        so a caller that needs the per-prompt values, as verification does, runs them once)."""
+        ends = self.per_prompt(torch.stack([torch.ones(self.graph.n_edges, dtype=torch.bool),
+                                            torch.zeros(self.graph.n_edges, dtype=torch.bool)]))
+        means = ends.sum(1) / self.prepared.n_prompts
+        self._ends = float(means[0]), float(means[1])
+        return ends
 
     def metric(self, masks: Masks) -> Float[torch.Tensor, " k"]:
         """Mean metric over the task's prompts of each circuit (row of `masks`)."""

@@ -441,7 +441,7 @@ def induction_study(model: Model, task: Task | PreparedTask, params: InductionSt
                             f"uniform head scores {float(uniform.mean()):.3f}); lower threshold")
     graph = Graph.from_model(model)
     # the full circuit: the verifier is used for its mean-ablation evaluator and its bootstrap only
-    verifier = Verifier(model, prepared, Circuit.full(graph), ablation="mean", seed=params.seed,
+    verifier = Verifier(model, prepared, graph, ablation="mean", seed=params.seed,
                         n_bootstrap=params.n_bootstrap)
     bootstrap = verifier.bootstrap
     intervals = {h: bootstrap.mean(per_prompt[:, parse_node(h).layer, parse_node(h).head]) for h in heads}

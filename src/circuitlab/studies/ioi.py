@@ -540,7 +540,7 @@ def ioi_study(model: Model, task: Task, params: IOIStudyParams) -> IOIStudy:
     discovery = measure(model, prepared, scoring, discover_params)
     circuit = discovery.circuit
     with status("verifying the circuit"):
-        verifier = Verifier(model, prepared, circuit, seed=params.seed, n_bootstrap=params.n_bootstrap)
+        verifier = Verifier(model, prepared, circuit.graph, seed=params.seed, n_bootstrap=params.n_bootstrap)
         faithfulness = verifier.faithfulness(circuit.in_graph.unsqueeze(0))[0]
         consistency = verifier.consistency(circuit.in_graph, tolerance=0.1)
         kl = kl_interval(verifier, consistency)

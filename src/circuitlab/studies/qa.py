@@ -142,7 +142,7 @@ def qa_study(model: Model, task: Task, params: QAStudyParams) -> QAStudy:
     circuit = Circuit(graph, node_mask(graph, [*mlps, *kept]), model=model)
     with status("verifying the circuits of the top heads"):
         # one evaluator (corrupt ablation, the head map's) for the intervals and the curve
-        verifier = Verifier(model, prepared, circuit, seed=params.seed, n_bootstrap=params.n_bootstrap)
+        verifier = Verifier(model, prepared, circuit.graph, seed=params.seed, n_bootstrap=params.n_bootstrap)
         masks = torch.stack([node_mask(graph, [*mlps, *kept[:k]]) for k in range(len(kept) + 1)])
         intervals = verifier.faithfulness(masks)
         ranked = [hmap.nodes[i] for i in hmap.ranked()]

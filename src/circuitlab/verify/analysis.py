@@ -386,7 +386,7 @@ def prompt_values(model: Model, task: Task, circuit: Circuit, other: Circuit | N
     """Per-prompt values of every measure of `circuit` on `task`, and of `ablations` (other ablation types).
     check=False (a prompt shard): whether faithfulness is defined is left to `finish`, on every prompt."""
     with status("measuring faithfulness"):
-        verifier = Verifier(model, task, circuit, ablation=params.ablation, metric=params.score_metric,
+        verifier = Verifier(model, task, circuit.graph, ablation=params.ablation, metric=params.score_metric,
                             seed=params.seed, n_bootstrap=params.n_bootstrap, check=check)
         mask = circuit.in_graph
         circuit_row = verifier.metric_rows(mask.unsqueeze(0))[0]
@@ -409,7 +409,7 @@ def ablation_values(model: Model, task: Task, circuit: Circuit, ablation: str, p
     """Per-prompt faithfulness inputs and KL of the circuit under `ablation` on `task`; a note instead when
     it cannot be measured."""
     try:
-        verifier = Verifier(model, task, circuit, ablation=ablation, metric=params.score_metric, seed=params.seed,
+        verifier = Verifier(model, task, circuit.graph, ablation=ablation, metric=params.score_metric, seed=params.seed,
                             n_bootstrap=params.n_bootstrap, check=check)
     except VerifyError as exc:
         return str(exc)

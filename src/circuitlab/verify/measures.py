@@ -41,6 +41,7 @@ from jaxtyping import Bool, Float, Int
 from circuitlab.discovery.faithfulness import CircuitEvaluator, undefined_reason
 from circuitlab.errors import DiscoveryError, VerifyError
 from circuitlab.graph.circuit import Circuit
+from circuitlab.graph.graph import Graph
 from circuitlab.models.hooks import hook_name
 from circuitlab.models.model import Model
 from circuitlab.progress import progress_bar
@@ -277,26 +278,27 @@ def prompt_noise(tokens: Int[torch.Tensor, "batch pos"], d_model: int, seed: int
 
 
 class Verifier:
-    """One circuit on one task under one ablation: the evaluator, the per-prompt ends, and a `Finisher`.
+    """Circuits of one graph on one task under one ablation: the evaluator, the per-prompt ends, and a
+    `Finisher`; every measure takes the circuit's mask. graph: the edge graph the masks index (default: the
+    model's own).
 
     check=False leaves the test that faithfulness is defined (`undefined`) to the caller: a shard of the
     task's prompts runs so, and the merged values are tested (see verify/analysis.py)."""
 
-    def __init__(self, model: Model, task: Task | PreparedTask, circuit: Circuit, *, ablation: str = "corrupt",
-                 metric: str | None = None, seed: int = 0, n_bootstrap: int = 1000,
+    def __init__(self, model: Model, task: Task | PreparedTask, graph: Graph | None = None, *,
+                 ablation: str = "corrupt", metric: str | None = None, seed: int = 0, n_bootstrap: int = 1000,
                  rows_per_forward: int | None = None, check: bool = True):
         try:
-            self.evaluator = CircuitEvaluator(model, task, ablation=ablation, metric=metric, graph=circuit.graph,
+            self.evaluator = CircuitEvaluator(model, task, ablation=ablation, metric=metric, graph=graph,
                                               seed=seed, rows_per_forward=rows_per_forward, check=False)
         except DiscoveryError as exc:
             raise VerifyError(f"{exc} (ablation {ablation!r})") from None
-        self.model, self.circuit, self.ablation, self.seed = model, circuit, ablation, seed
+        self.model, self.seed = model, seed
         self.graph = self.evaluator.graph
         self.prepared = self.evaluator.prepared
         self.n_prompts = self.prepared.n_prompts
         self.bootstrap = Bootstrap(self.n_prompts, n_bootstrap, seed)
-        ends = self.evaluator.per_prompt(torch.stack([self.full_mask, ~self.full_mask]))
-        self.ends = ends.double()  # [2, prompt]: full model, empty circuit
+        self.ends = self.evaluator.ends_per_prompt().double()  # [2, prompt]: full model, empty circuit
         if check and (reason := undefined(self.ends, self.metric_name, ablation)) is not None:
             raise VerifyError(reason)
         self.finish = Finisher(self.ends, self.bootstrap)

@@ -24,7 +24,7 @@ def setup(smollm):
     task = make_task("ioi", smollm, n=2, templates=[0]).prepare(smollm)
     scoring = edge_scores(smollm, task, method="eap")
     circuit = Circuit.top_n(scoring.graph, scoring.scores, 200, model=smollm)
-    return Verifier(smollm, task, circuit, n_bootstrap=100), circuit
+    return Verifier(smollm, task, circuit.graph, n_bootstrap=100), circuit
 
 
 def test_verify_on_smollm_is_finite_and_consistent(setup):

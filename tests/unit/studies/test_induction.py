@@ -83,7 +83,7 @@ def test_key_path_effects_equal_masked_path_patching(trained, study):
     """The restarted sweep agrees with one full masked path-patching run per sender (graph/path_patching.py)."""
     model, task, _ = trained
     prepared = task.prepare(model)
-    verifier = Verifier(model, prepared, study.circuit, ablation="mean", n_bootstrap=10)
+    verifier = Verifier(model, prepared, study.circuit.graph, ablation="mean", n_bootstrap=10)
     head, senders = "a1.h0", ["a0.h0", "a0.h2"]
     effects = key_path_effects(verifier, prepared, head, senders)
     engine = MaskedEdgeEngine(model)

@@ -18,4 +18,4 @@ def verifier(handset):
     from circuitlab.verify.measures import Verifier
 
     model, task, truth = handset
-    return Verifier(model, task, truth, n_bootstrap=200)
+    return Verifier(model, task, truth.graph, n_bootstrap=200)

@@ -111,7 +111,7 @@ def test_faithfulness_undefined_is_a_clear_error(handset):
     model, task, truth = handset
     same = dataclasses.replace(task, examples=[dataclasses.replace(ex, corrupt_ids=ex.clean_ids) for ex in task.examples])
     with pytest.raises(VerifyError, match="faithfulness is undefined"):
-        Verifier(model, same, truth, n_bootstrap=10)
+        Verifier(model, same, truth.graph, n_bootstrap=10)
 
 
 def test_circuit_of_another_graph_is_rejected(handset):
@@ -120,4 +120,4 @@ def test_circuit_of_another_graph_is_rejected(handset):
     model, task, _ = handset
     other = Circuit.full(Graph(GraphShape(3, 2)))
     with pytest.raises(Exception, match="graph"):
-        Verifier(model, task, other, n_bootstrap=10)
+        Verifier(model, task, other.graph, n_bootstrap=10)
