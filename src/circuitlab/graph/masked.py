@@ -42,8 +42,7 @@ input the recording misses), `restart_error` says why and every run falls back t
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +54,7 @@ from circuitlab.graph.attention import HeadwiseAttention, visible_keys
 from circuitlab.graph.graph import Graph, GraphShape
 from circuitlab.graph.replay import BlockCall as BlockCall  # re-exported: the record's and hooks' types
 from circuitlab.graph.replay import FwdHooks as FwdHooks
-from circuitlab.graph.replay import replay_blocks
+from circuitlab.graph.replay import HookPoints, replay_blocks
 from circuitlab.models.hooks import hook_name
 from circuitlab.models.model import Model
 
@@ -134,7 +133,7 @@ class MaskedEdgeEngine:
         self.final_hook = final_input_hook(self.bridge)
         # Hook names and points resolved once: the bridge rebuilds its alias table on every lookup.
         self.mlp_in_hooks = [mlp_input_hook(self.bridge, layer) for layer in range(shape.n_layers)]
-        self._points: dict[str, HookPoint] = {}
+        self.hook_points = HookPoints(self.bridge)
         self.masks: tuple[str, ...] = ()  # each layer's mask kind, as the self-check probed it
         # layer of each receiver (n_layers for logits): where a run touching it can restart
         g = self.graph
@@ -290,31 +289,11 @@ class MaskedEdgeEngine:
         positions only, when given)."""
         n_layers, batch, k = self.graph.shape.n_layers, record.final.shape[0], state.k
         x = (record.calls[start][0][0] if start < n_layers else record.final).repeat(k, 1, 1)
-        with self._hooked(state.hooks()):  # the resid_pre hooks set state.resid per block
-            x = replay_blocks(self.bridge, record.calls, x, start, batch=batch, k=k)
+        with self.hook_points.installed(state.hooks()):  # the resid_pre hooks set state.resid per block
+            x = replay_blocks(self.hook_points, record.calls, x, start, batch=batch, k=k)
         delta = state._delta(slice(self.graph.n_receivers - 1, self.graph.n_receivers))
         x = x if delta is None else x - delta[0]
         return self.final_logits(x if rows is None else gather_positions(x, rows))
-
-    @contextmanager
-    def _hooked(self, hooks: FwdHooks) -> Iterator[None]:
-        """Forward hooks on the bridge's hook points for the duration of the block, as `bridge.hooks` adds
-        them, without its per-call rebuilding of the alias table (a millisecond per restarted run). Only
-        restarted runs use it, and the self-check compares one with the full forward under `bridge.hooks`,
-        so a hook point that would not fire cannot go unnoticed."""
-        added: list[tuple[HookPoint, Any]] = []
-        try:
-            for name, fn in hooks:
-                assert isinstance(name, str)
-                point = self._points.get(name)
-                if point is None:
-                    point = self._points[name] = self.bridge.hook_dict[name]
-                added.append((point, point.add_hook(fn, dir="fwd")))
-            yield
-        finally:
-            for point, handle in added:
-                handle.hook.remove()
-                point.fwd_hooks[:] = [h for h in point.fwd_hooks if h is not handle]
 
     def final_logits(self, resid: Float[torch.Tensor, "rows pos d_model"]) -> Float[torch.Tensor, "rows pos vocab"]:
         """The bridge's final norm (recomputed on `resid`, the logits receiver's input) and unembedding,

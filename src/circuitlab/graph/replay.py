@@ -7,13 +7,15 @@ copies of the batch stacked along the batch dimension (row i*batch + b = copy i 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
 
 if TYPE_CHECKING:
+    from transformer_lens.hook_points import HookPoint
     from transformer_lens.model_bridge import TransformerBridge
 
 BlockCall = tuple[tuple[Any, ...], dict[str, Any]]  # a block's recorded (args, kwargs), residual first
@@ -57,19 +59,47 @@ def replay_kwargs(kwargs: dict[str, Any], batch: int, k: int) -> dict[str, Any]:
     return out
 
 
-def replay_blocks(bridge: TransformerBridge, calls: dict[int, BlockCall], x: Resid, start: int, *, batch: int,
+class HookPoints:
+    """A bridge's hook points by name, resolved once, and forward hooks installed on them for the duration
+    of a block, as `bridge.hooks` adds them but without its rebuilding of the alias table on every call (a
+    millisecond per restarted run). Restarts use it; their self-checks compare a restarted run with the
+    full forward under `bridge.hooks`, so a hook point that would not fire cannot go unnoticed."""
+
+    def __init__(self, bridge: TransformerBridge) -> None:
+        self.bridge = bridge
+        self.points: dict[str, HookPoint] = {}
+
+    @contextmanager
+    def installed(self, hooks: FwdHooks) -> Iterator[None]:
+        added: list[tuple[HookPoint, Any]] = []
+        try:
+            for name, fn in hooks:
+                assert isinstance(name, str)
+                point = self.points.get(name)
+                if point is None:
+                    point = self.points[name] = self.bridge.hook_dict[name]
+                added.append((point, point.add_hook(fn, dir="fwd")))
+            yield
+        finally:
+            for point, handle in added:
+                handle.hook.remove()
+                point.fwd_hooks[:] = [h for h in point.fwd_hooks if h is not handle]
+
+
+def replay_blocks(points: HookPoints, calls: dict[int, BlockCall], x: Resid, start: int, *, batch: int,
                   k: int, layer_hooks: Callable[[int, Resid], FwdHooks] | None = None) -> Resid:
-    """Blocks start..L-1 on x (k stacked copies of the batch's residual entering block `start`), each
-    called with its recorded inputs; returns the residual after the last block. layer_hooks(layer, x):
-    hooks active during that block only (hooks for every block are installed by the caller around the
-    call instead)."""
-    for layer in range(start, len(bridge.blocks)):
+    """Blocks start..L-1 of `points.bridge` on x (k stacked copies of the batch's residual entering block
+    `start`), each called with its recorded inputs; returns the residual after the last block.
+    layer_hooks(layer, x): hooks active during that block only (hooks for every block are installed by
+    the caller around the call instead)."""
+    blocks = points.bridge.blocks
+    for layer in range(start, len(blocks)):
         args, kwargs = calls[layer]
         block_args, block_kwargs = replay_args(args[1:], batch, k), replay_kwargs(kwargs, batch, k)
         if layer_hooks is None:
-            out = bridge.blocks[layer](x, *block_args, **block_kwargs)
+            out = blocks[layer](x, *block_args, **block_kwargs)
         else:
-            with bridge.hooks(fwd_hooks=layer_hooks(layer, x)):
-                out = bridge.blocks[layer](x, *block_args, **block_kwargs)
+            with points.installed(layer_hooks(layer, x)):
+                out = blocks[layer](x, *block_args, **block_kwargs)
         x = out[0] if isinstance(out, tuple) else out
     return x

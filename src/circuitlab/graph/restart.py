@@ -47,7 +47,7 @@ from circuitlab.graph.direct_paths import (
     final_logits,
     gather_positions,
 )
-from circuitlab.graph.masked import CleanRun, FwdHooks, MaskedEdgeEngine, mlp_input_hook
+from circuitlab.graph.masked import CleanRun, FwdHooks, MaskedEdgeEngine
 from circuitlab.graph.naming import parse_node
 from circuitlab.graph.path_patching import Advance
 from circuitlab.graph.replay import replay_blocks
@@ -80,7 +80,7 @@ def check_replay(engine: MaskedEdgeEngine, record: CleanRun, start: int, positio
     n_layers = engine.graph.shape.n_layers
     if start >= n_layers:  # nothing replayed: the restart reads the recorded final residual itself
         return
-    x = replay_blocks(engine.bridge, record.calls, record.calls[start][0][0], start, batch=record.outputs.shape[1], k=1)
+    x = replay_blocks(engine.hook_points, record.calls, record.calls[start][0][0], start, batch=record.outputs.shape[1], k=1)
     got, want = gather_positions(x, positions), gather_positions(record.final, positions)
     error = (got - want).abs().amax(dim=-1)
     tolerance = REPLAY_EPS_FACTOR * torch.finfo(want.dtype).eps * want.abs().amax(dim=-1)
@@ -177,7 +177,7 @@ def _run_from(engine: MaskedEdgeEngine, variants: _Variants, record: CleanRun, s
     graph, k = engine.graph, variants.k
     seen: list[torch.Tensor | None] = [None, None, None]  # this block's rotary cos, sin and visible keys
     start_resid = record.calls[start][0][0] if start < graph.shape.n_layers else record.final
-    x = replay_blocks(engine.bridge, record.calls, start_resid.repeat(k, 1, 1), start, batch=variants.batch, k=k,
+    x = replay_blocks(engine.hook_points, record.calls, start_resid.repeat(k, 1, 1), start, batch=variants.batch, k=k,
                       layer_hooks=lambda layer, resid: _layer_hooks(engine, variants, layer, resid, seen))
     final = variants.delta([graph.n_receivers - 1])
     if final is not None:
@@ -191,7 +191,7 @@ def _layer_hooks(engine: MaskedEdgeEngine, variants: _Variants, layer: int, resi
     """Hooks of one restarted block: rotary tables and the attention mask kept (as the masked engine
     does); with head receivers, z recomputed per (head, q/k/v) input; this layer's sender outputs
     recorded; the MLP receiver's input patched."""
-    graph, bridge = engine.graph, engine.bridge
+    graph = engine.graph
     attention = engine.layers[layer]
     heads = graph.head_receivers(layer)
     block = graph.sender_block(layer)
@@ -229,7 +229,7 @@ def _layer_hooks(engine: MaskedEdgeEngine, variants: _Variants, layer: int, resi
             variants.set_outputs(block.stop - 1, x.unsqueeze(0))
 
         if bool(variants.mask[mlp].any()):
-            hooks.append((mlp_input_hook(bridge, layer), mlp_in))
+            hooks.append((engine.mlp_in_hooks[layer], mlp_in))
         if any(s == block.stop - 1 for s in variants.index):
             hooks.append((hook_name("mlp_out", layer), mlp_out))
     return hooks
