@@ -26,7 +26,7 @@ import json
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from circuitlab.models.model import Model
 from circuitlab.results import Result, load_results
 from circuitlab.runner.executor import Executor
 from circuitlab.runner.registry import get_analysis
-from circuitlab.runner.run import Run, _task_source, run
+from circuitlab.runner.run import Run, _task_source, make_params, run
 from circuitlab.runner.rundir import is_run_directory
 
 GRID_SCHEMA = "circuitlab.grid/1"
@@ -160,10 +160,7 @@ def check_grid(spec: GridSpec, out: Path, *, force: bool, executor: Executor | N
             check_spec(model)
     for cell in cells:
         entry = get_analysis(cell.method)
-        options = dict(cell.options)
-        if "seed" in {f.name for f in fields(entry.params)}:
-            options["seed"] = cell.seed
-        params = entry.make_params(options)
+        params = make_params(entry, dict(cell.options), cell.seed)
         cell_executor = _for_cell(executor, cell.method)
         if cell_executor is not None:
             cell_executor.check(entry, params, cell.model, out / cell.folder)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,14 @@ class Run:
     model: Model
     task: Task | None
     out: Path | None = None
+
+
+def make_params(entry: Analysis[Any], options: dict[str, Any], seed: int) -> Any:
+    """The analysis' options dataclass; a randomised analysis (one with a seed option, e.g. trace noise)
+    gets the run's seed."""
+    if "seed" in entry.option_names():
+        options = {**options, "seed": seed}
+    return entry.make_params(options)
 
 
 def _task_source(entry: Analysis[Any], params: object, task: str | Task | TaskSource | None, *, n: int | None,
@@ -76,9 +84,7 @@ def run(analysis: str, *, model: str | Model = DEFAULT_SPEC, task: str | Task | 
     or make it resumable (see `circuitlab.runner.executor`); the result is the same.
     """
     entry = get_analysis(analysis)
-    if "seed" in {f.name for f in fields(entry.params)}:  # randomised analyses (e.g. trace noise) get the seed
-        options = {**options, "seed": seed}
-    params = entry.make_params(options)
+    params = make_params(entry, options, seed)
     if executor is not None:
         executor.check(entry, params, model, out)
     if not isinstance(model, Model):
