@@ -352,7 +352,6 @@ def patch(
             executor=_executor(backend, ray_address, workers, threads_per_worker, shard_size, resume))
 
 
-DISCOVERY_METHODS = ("eap", "eap-ig", "eap-ig-act", "exact", "acdc", "prune", "grad", "heads", "grow")
 # CLI spelling of each option discover passes on; only options given on the command line are passed, so each
 # method keeps its own defaults and an option a method does not take is a clear error (AnalysisError).
 _DISCOVER_FLAGS = {"score_metric": "--metric", "positions": "--positions", "ablation": "--ablation",
@@ -408,9 +407,11 @@ def discover(
     # only the options given: the rest keep the method's defaults (values are the method's own option types)
     options: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
     with user_errors():
-        if method not in DISCOVERY_METHODS:
-            raise CircuitlabError(f"unknown discovery method {method!r}; choose one of {', '.join(DISCOVERY_METHODS)}")
         from circuitlab.runner.registry import get_analysis
+
+        methods = _registered("discover/")
+        if method not in methods:
+            raise CircuitlabError(f"unknown discovery method {method!r}; choose one of {', '.join(methods)}")
 
         accepted = get_analysis(f"discover/{method}").option_names()
         foreign = [_DISCOVER_FLAGS[name] for name in options if name not in accepted]
@@ -562,8 +563,11 @@ def heads(
             print_result=_print_heads, n_repeat_tokens=n_repeat_tokens, n_sequences=n_sequences, top=top)
 
 
-STUDIES = ("induction", "ioi", "qa")
-_STUDY_TASKS = {"induction": "induction", "ioi": "ioi", "qa": "qa"}
+def _registered(prefix: str) -> list[str]:
+    """The registered analyses under `prefix` ("discover/", "study/"), without it (no analysis is imported)."""
+    from circuitlab.runner.registry import analysis_names
+
+    return [name.removeprefix(prefix) for name in analysis_names() if name.startswith(prefix)]
 
 
 @app.command(epilog="Examples: circuitlab study induction --n 8 --out out/induction\n\n"
@@ -578,9 +582,11 @@ def study(
 ) -> None:
     """Case studies: find a circuit, verify it and state the findings with numbers (findings.md)."""
     with user_errors():
-        if name not in STUDIES:
-            raise CircuitlabError(f"unknown study {name!r}; choose one of {', '.join(STUDIES)}")
-    execute(f"study/{name}", out=out, model=model, task=task or _STUDY_TASKS[name], n=n, seed=seed, force=force)
+        studies = _registered("study/")
+        if name not in studies:
+            raise CircuitlabError(f"unknown study {name!r}; choose one of {', '.join(studies)}")
+    # each study's default task is the task of its name (induction, ioi, qa)
+    execute(f"study/{name}", out=out, model=model, task=task or name, n=n, seed=seed, force=force)
 
 
 def main() -> None:  # pragma: no cover - console entry point
