@@ -27,10 +27,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Float
 
+from circuitlab.discovery.faithfulness import FaithfulnessCurve
 from circuitlab.discovery.metrics import check_metric_name
 from circuitlab.discovery.nodes import NodeDiscovery, measure_nodes
 from circuitlab.discovery.selection import check_threshold, check_top_n
 from circuitlab.errors import DiscoveryError
+from circuitlab.graph.circuit import Circuit
 from circuitlab.graph.graph import Graph
 from circuitlab.graph.naming import head_name, mlp_name
 from circuitlab.models.model import Model
@@ -157,16 +159,31 @@ def discover_heads(model: Model, task: Task | None, params: HeadsParams) -> Node
     prepared = task.prepare(model)
     hmap = head_map(model, prepared)
     kept = select_heads(hmap, top_n=params.top_n, threshold=params.threshold)
-    mlps = [] if graph.shape.attn_only else [mlp_name(layer) for layer in range(graph.shape.n_layers)]
+    mlps = every_mlp(graph)
     ranked = [hmap.nodes[i] for i in hmap.ranked()]
-    metric = prepared.metric_name
     circuit, faithful, curve = measure_nodes(model, prepared, graph, kept, ranked, ablation=params.ablation,
-                                             metric=metric, seed=params.seed, always=mlps, curve=params.curve)
+                                             metric=prepared.metric_name, seed=params.seed, always=mlps,
+                                             curve=params.curve)
+    return head_map_discovery(hmap, prepared, circuit, kept, faithful, curve, params.selection, params.ablation,
+                              len(mlps))
+
+
+def every_mlp(graph: Graph) -> list[str]:
+    """Every MLP node: a circuit of heads from the head map keeps them all (the map ranks heads only)."""
+    return [] if graph.shape.attn_only else [mlp_name(layer) for layer in range(graph.shape.n_layers)]
+
+
+def head_map_discovery(hmap: HeadMap, prepared: PreparedTask, circuit: Circuit, kept: list[str], faithful: float,
+                       curve: FaithfulnessCurve | None, selection: tuple[str, float], ablation: str,
+                       n_mlps: int) -> NodeDiscovery:
+    """The head map's node-level discovery result: per-head effects as node scores, the kept heads' circuit
+    and its faithfulness, the patching figures and patching.json."""
     sweep = hmap.sweep
+    ranked = [hmap.nodes[i] for i in hmap.ranked()]
     scores = dict(zip(hmap.nodes, hmap.effects.tolist(), strict=True))
-    info = {"metric": metric, "direction": "noise", "ablation": params.ablation, "n_prompts": prepared.n_prompts,
-            "clean_mean": float(sweep.clean.mean()), "corrupt_mean": float(sweep.corrupt.mean()),
-            "mlps_kept": len(mlps),
-            "strongest_heads": [f"{ranked_node} ({scores[ranked_node]:.4g})" for ranked_node in ranked[:5]]}
-    return NodeDiscovery("heads", circuit, kept, scores, hmap.records(), faithful, curve, params.selection, info,
+    info = {"metric": prepared.metric_name, "direction": "noise", "ablation": ablation,
+            "n_prompts": prepared.n_prompts, "clean_mean": float(sweep.clean.mean()),
+            "corrupt_mean": float(sweep.corrupt.mean()), "mlps_kept": n_mlps,
+            "strongest_heads": [f"{node} ({scores[node]:.4g})" for node in ranked[:5]]}
+    return NodeDiscovery("heads", circuit, kept, scores, hmap.records(), faithful, curve, selection, info,
                          patching_figures(sweep), {"patching.json": sweep.to_json()})

@@ -26,14 +26,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from circuitlab.analysis import Analysis
-from circuitlab.discovery.head_map import head_map, select_heads
+from circuitlab.discovery.head_map import every_mlp, head_map, head_map_discovery, select_heads
 from circuitlab.discovery.nodes import NodeDiscovery, node_curve, node_mask
 from circuitlab.errors import AnalysisError
 from circuitlab.graph.circuit import Circuit
 from circuitlab.graph.graph import Graph
-from circuitlab.graph.naming import mlp_name
 from circuitlab.models.model import Model
-from circuitlab.patching.plots import patching_figures
 from circuitlab.progress import status
 from circuitlab.tasks.task import Task
 from circuitlab.verify.bootstrap import Interval
@@ -138,7 +136,7 @@ def qa_study(model: Model, task: Task, params: QAStudyParams) -> QAStudy:
     hmap = head_map(model, prepared)
     kept = select_heads(hmap, top_n=params.top_k)
     graph = Graph.from_model(model)
-    mlps = [] if graph.shape.attn_only else [mlp_name(layer) for layer in range(graph.shape.n_layers)]
+    mlps = every_mlp(graph)
     circuit = Circuit(graph, node_mask(graph, [*mlps, *kept]), model=model)
     with status("verifying the circuits of the top heads"):
         # one evaluator (corrupt ablation, the head map's) for the intervals and the curve
@@ -147,14 +145,8 @@ def qa_study(model: Model, task: Task, params: QAStudyParams) -> QAStudy:
         intervals = verifier.faithfulness(masks)
         ranked = [hmap.nodes[i] for i in hmap.ranked()]
         curve = node_curve(verifier.evaluator, ranked, mlps) if params.curve else None
-    sweep = hmap.sweep
-    info = {"metric": prepared.metric_name, "direction": "noise", "ablation": "corrupt",
-            "n_prompts": prepared.n_prompts, "clean_mean": float(sweep.clean.mean()),
-            "corrupt_mean": float(sweep.corrupt.mean()), "mlps_kept": len(mlps)}
-    scores = dict(zip(hmap.nodes, hmap.effects.tolist(), strict=True))
-    discovery = NodeDiscovery("heads", circuit, kept, scores, hmap.records(), intervals[-1].value, curve,
-                              ("top_n", params.top_k), info, patching_figures(sweep),
-                              {"patching.json": sweep.to_json()})
+    discovery = head_map_discovery(hmap, prepared, circuit, kept, intervals[-1].value, curve,
+                                   ("top_n", params.top_k), "corrupt", len(mlps))
     return QAStudy(model.spec, discovery, params.top_k, intervals, prepared.n_prompts)
 
 
