@@ -17,7 +17,9 @@ seed, versions and timings, and writes the run directory once.
 
 from __future__ import annotations
 
+import csv
 import importlib.metadata
+import io
 import json
 import math
 import platform
@@ -97,6 +99,19 @@ class Result:
         out.mkdir(parents=True, exist_ok=True)
         write_atomically(out / "results.csv", lambda tmp: self.to_frame().to_csv(tmp, index=False))
         return write_text_atomically(out / "results.json", self.to_json())
+
+
+def csv_text(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """Rows as CSV text for an analysis' `files()` (default columns: every key, in first-seen order); ""
+    when there are neither rows nor columns."""
+    columns = columns if columns is not None else list(dict.fromkeys(key for row in rows for key in row))
+    if not columns:
+        return ""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def load_results(path: str | Path) -> Result:

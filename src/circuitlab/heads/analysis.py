@@ -6,8 +6,6 @@ repeated random tokens the other detectors use. See docs/METHODS.md, "Head analy
 
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass
 
 from circuitlab.analysis import Analysis
@@ -17,6 +15,7 @@ from circuitlab.heads.composition import MODES, CompositionScores, composition_s
 from circuitlab.heads.detectors import DETECTORS, HeadScores, detect_heads
 from circuitlab.heads.plots import composition_figure, detector_figure
 from circuitlab.models.model import Model
+from circuitlab.results import csv_text
 from circuitlab.tasks.task import Task
 
 SCORES = (*DETECTORS, "bos")
@@ -94,11 +93,7 @@ class HeadsResult:
         return figures
 
     def files(self) -> dict[str, str]:
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=["writer", "reader", *MODES], lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.composition.pairs())
-        return {"composition.csv": out.getvalue()}
+        return {"composition.csv": csv_text(self.composition.pairs(), ["writer", "reader", *MODES])}
 
 
 def head_analysis(model: Model, task: Task | None = None, params: HeadsParams | None = None) -> HeadsResult:

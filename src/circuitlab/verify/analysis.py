@@ -20,9 +20,7 @@ ablation as the chosen one need every prompt at once and are refused there. See 
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +38,7 @@ from circuitlab.graph.circuit import Circuit
 from circuitlab.graph.mib_json import read_mib_json
 from circuitlab.models.model import Model
 from circuitlab.progress import status
+from circuitlab.results import csv_text
 from circuitlab.tasks.source import TaskSource
 from circuitlab.tasks.task import Task
 from circuitlab.verify.bootstrap import Bootstrap, Interval, check_resamples
@@ -227,10 +226,10 @@ class Verification:
 
     def files(self) -> dict[str, str]:
         return {
-            "consistency.csv": _csv(self.consistency.records(self.prompts)),
-            "completeness.csv": _csv(self.completeness.tried),
-            "perturbation.csv": _csv(self.perturbation.records()),
-            "ablations.csv": _csv(self.ablations),
+            "consistency.csv": csv_text(self.consistency.records(self.prompts)),
+            "completeness.csv": csv_text(self.completeness.tried),
+            "perturbation.csv": csv_text(self.perturbation.records()),
+            "ablations.csv": csv_text(self.ablations),
         }
 
     def figures(self) -> dict[str, Figure]:
@@ -318,17 +317,6 @@ def _interval(row: dict[str, Any], name: str) -> Interval | None:
     if value is None:
         return None
     return Interval(value, row.get(f"{name}_ci_low", math.nan), row.get(f"{name}_ci_high", math.nan))
-
-
-def _csv(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return ""
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
 
 
 # --- the verb: per-prompt values, then the finishing --------------------------------------------------------
